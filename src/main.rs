@@ -1,0 +1,37 @@
+//! `kiln`: the Kiln virtual machine monitor.
+
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// Kiln: a KVM virtual machine monitor.
+#[derive(Parser)]
+#[command(name = "kiln", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot one VM in the foreground, its serial console on this terminal.
+    ///
+    /// Without --kernel it boots the probe guest built into kiln. The exit status is 0 when
+    /// the guest powers off, 1 when the VM fails, 130 when stopped with Ctrl-C.
+    Run(run::RunArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => run::run(args),
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,181 @@
+//! `kiln run`: one VM in the foreground.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use vmm::{Console, Exit, Host, KernelImage, Vm, VmConfig};
+
+/// The probe guest (images/probe), built by build.rs.
+pub static PROBE_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
+
+/// Exit status when the VM fails.
+const EXIT_FAILED: i32 = 1;
+/// Exit status for arguments the VM cannot run with.
+const EXIT_USAGE: i32 = 2;
+/// Exit status after Ctrl-C (128 + SIGINT).
+const EXIT_INTERRUPTED: i32 = 130;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Kernel to boot: an ELF vmlinux (PVH entry when it has the note) or a bzImage.
+    /// Default: the probe guest built into kiln.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "console=ttyS0")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory: a number of MiB, or a size with a unit (512MiB, 2G).
+    #[arg(long, value_name = "SIZE", default_value = "256MiB")]
+    memory: String,
+}
+
+pub fn run(args: RunArgs) -> i32 {
+    let host = match Host::open() {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    let vcpus = match u8::try_from(args.cpus) {
+        Ok(n) => n,
+        Err(_) => {
+            let e = vmm::ConfigError::TooManyVcpus(args.cpus as usize, host.max_vcpus);
+            eprintln!("kiln: {}", explain(&e.into()));
+            return EXIT_USAGE;
+        }
+    };
+    let memory = match vmm::parse_size(&args.memory, 1 << 20) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("kiln: --memory: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let config = VmConfig {
+        vcpus,
+        memory,
+        kernel: match args.kernel {
+            Some(p) => KernelImage::File(p),
+            None => KernelImage::Bytes(Arc::from(PROBE_GUEST)),
+        },
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+    };
+
+    let terminal = std::io::stdin().is_terminal();
+    let input = if terminal {
+        std::os::fd::AsFd::as_fd(&std::io::stdin())
+            .try_clone_to_owned()
+            .ok()
+            .map(std::fs::File::from)
+    } else {
+        None
+    };
+    // Signals go to one thread that stops the VM; vCPU threads never see them.
+    let signals = block_stop_signals();
+    let mut vm = match Vm::new(
+        host,
+        config,
+        Console {
+            output: Box::new(std::io::stdout()),
+            input,
+        },
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("kiln: {}", explain(&e));
+            return EXIT_USAGE;
+        }
+    };
+    let handle = vm.handle();
+    std::thread::spawn(move || loop {
+        let mut sig = 0;
+        // SAFETY: sigwait reads the set and writes the signal number.
+        if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+            handle.stop();
+        }
+    });
+    let _raw = terminal.then(RawTerminal::enter).flatten();
+    let result = vm.run();
+    drop(_raw);
+    match result {
+        Ok(Exit::PowerOff) => 0,
+        Ok(Exit::Stopped) => {
+            eprintln!("kiln: VM stopped");
+            EXIT_INTERRUPTED
+        }
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// Maps configuration errors onto the flags that cause them.
+fn explain(e: &vmm::VmError) -> String {
+    use vmm::ConfigError as C;
+    match e {
+        vmm::VmError::Config(c) => {
+            let flag = match c {
+                C::NoVcpus | C::TooManyVcpus(..) => "--cpus",
+                C::TooLittleMemory(_) | C::TooMuchMemory(..) => "--memory",
+                C::KernelFile(..) | C::NotAKernel(_) => "--kernel",
+                C::InitrdFile(..) => "--initrd",
+                C::CmdlineTooLong(_) => "--cmdline",
+            };
+            format!("{flag}: {c}")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// The terminal in raw mode (no line editing or echo; Ctrl-C still signals), restored on drop.
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            t.c_lflag |= libc::ISIG;
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            Some(Self(saved))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes saved in `enter`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        }
+    }
+}

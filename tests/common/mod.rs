@@ -1,0 +1,204 @@
+//! Helpers for the integration tests: run the real `kiln` binary on real KVM.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The kiln binary under test.
+pub fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+/// The probe guest without the PVH note (entered through the Linux 64-bit protocol).
+pub fn probe_linux64() -> PathBuf {
+    Path::new(env!("OUT_DIR")).join("probe-linux64.elf")
+}
+
+/// Fails loudly when /dev/kvm is missing: these tests never pass by skipping.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test boots guests and needs /dev/kvm: {e}");
+    }
+}
+
+/// What a `kiln` run produced.
+pub struct Run {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+impl Run {
+    /// Guest output lines, without the serial line endings.
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .collect()
+    }
+
+    /// True when a line equals `line` exactly.
+    pub fn has_line(&self, line: &str) -> bool {
+        self.lines().contains(&line)
+    }
+
+    /// Number of lines starting with `prefix`.
+    pub fn count(&self, prefix: &str) -> usize {
+        self.lines()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+
+    /// Everything, for assertion messages.
+    pub fn dump(&self) -> String {
+        format!(
+            "status {:?} (timed out: {})\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.timed_out, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `kiln` with `args`, killing it after `limit`.
+pub fn run_kiln(args: &[&str], limit: Duration) -> Run {
+    let mut child = kiln()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > limit {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        status: status.code(),
+        stdout: String::from_utf8_lossy(&o.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&e.join().unwrap()).into_owned(),
+        timed_out,
+    }
+}
+
+/// Boots the embedded probe guest with `probe=<cmds>` and extra `kiln run` arguments.
+pub fn probe(cmds: &str, extra: &[&str]) -> Run {
+    require_kvm();
+    let cmdline = format!("console=ttyS0 probe={cmds}");
+    let mut args = vec!["run", "--cmdline", &cmdline];
+    args.extend_from_slice(extra);
+    run_kiln(&args, Duration::from_secs(60))
+}
+
+/// Builds (or finds in the cache) the distro guest with images/guest/build-guest.sh and
+/// returns the cache directory.
+pub fn distro_guest(kernel_only: bool) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/guest/build-guest.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script);
+    if kernel_only {
+        cmd.arg("--kernel-only");
+    }
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run build-guest.sh");
+    assert!(
+        out.status.success(),
+        "images/guest/build-guest.sh failed; it needs apt (run `apt-get update` once)"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let vmlinux = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("vmlinux="))
+        .expect("build-guest.sh printed no vmlinux= line");
+    Path::new(vmlinux).parent().unwrap().to_path_buf()
+}
+
+/// Runs `kiln` and reads its stdout until every string of `want` has appeared in it (or
+/// `limit` passes), then kills it. Returns the output so far.
+pub fn run_until(args: &[&str], want: &[&str], limit: Duration) -> Run {
+    use std::io::BufRead;
+    use std::sync::mpsc;
+    let mut child = kiln()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    let out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).split(b'\n') {
+            let Ok(line) = line else { break };
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let mut stdout = String::new();
+    let mut timed_out = true;
+    while let Some(left) = limit.checked_sub(start.elapsed()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                stdout.push_str(&line);
+                stdout.push('\n');
+                if want.iter().all(|w| stdout.contains(w)) {
+                    timed_out = false;
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                timed_out = false;
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    Run {
+        status: status.code(),
+        stdout,
+        stderr: String::from_utf8_lossy(&e.join().unwrap()).into_owned(),
+        timed_out,
+    }
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Kiln's build and tests need, if any is missing.
+# Idempotent and quick when everything is present. Needs root (or sudo) to install.
+set -euo pipefail
+
+# command -> package
+declare -A NEED=(
+  [gcc]=gcc
+  [ld]=binutils
+  [iasl]=acpica-tools
+  [lz4]=lz4
+  [cpio]=cpio
+  [depmod]=kmod
+  [mkfs.ext4]=e2fsprogs
+  [dpkg-deb]=dpkg
+  [qemu-system-x86_64]=qemu-system-x86
+  [qemu-img]=qemu-utils
+  [hyperfine]=hyperfine
+)
+export PATH="$PATH:/usr/sbin:/sbin"
+missing=()
+for cmd in "${!NEED[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
+done
+# build-guest.sh downloads busybox-static and the cloud kernel with apt-get download:
+# that needs package lists.
+lists_empty=true
+compgen -G "/var/lib/apt/lists/*_Packages" >/dev/null && lists_empty=false
+
+if [ ${#missing[@]} -eq 0 ] && ! $lists_empty; then
+  exit 0
+fi
+SUDO=
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+echo "install-deps: installing ${missing[*]:-(package lists only)}" >&2
+$SUDO apt-get update -q
+if [ ${#missing[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

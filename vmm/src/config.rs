@@ -1,0 +1,179 @@
+//! A VM's configuration and its validation against the host.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use boot::layout::{CMDLINE_MAX, MIN_MEMORY};
+
+use crate::host::Host;
+
+/// Where the kernel comes from.
+#[derive(Clone, Debug)]
+pub enum KernelImage {
+    /// A file on the host.
+    File(PathBuf),
+    /// An image held in memory (the probe guest embedded in the binary).
+    Bytes(Arc<[u8]>),
+}
+
+/// What a VM is made of.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// The kernel (ELF vmlinux or bzImage).
+    pub kernel: KernelImage,
+    /// An initrd, loaded as the kernel's first module.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// A configuration the host cannot run, with what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No vCPUs.
+    #[error("a VM needs at least 1 vCPU")]
+    NoVcpus,
+    /// More vCPUs than KVM allows.
+    #[error("{0} vCPUs requested but this host's KVM allows at most {1}")]
+    TooManyVcpus(usize, u8),
+    /// Too little memory.
+    #[error("{0} bytes of memory is too little; give the VM at least {min} MiB", min = MIN_MEMORY >> 20)]
+    TooLittleMemory(u64),
+    /// More memory than the host has.
+    #[error("{} MiB of memory requested but the host has only {} MiB", .0 >> 20, .1 >> 20)]
+    TooMuchMemory(u64, u64),
+    /// The kernel file cannot be read.
+    #[error("cannot read kernel {0}: {1}")]
+    KernelFile(PathBuf, std::io::Error),
+    /// The kernel file is not a kernel.
+    #[error("{0} is not a kernel: expected an ELF vmlinux or a bzImage")]
+    NotAKernel(String),
+    /// The initrd file cannot be read.
+    #[error("cannot read initrd {0}: {1}")]
+    InitrdFile(PathBuf, std::io::Error),
+    /// The command line is too long.
+    #[error("the kernel command line is {0} bytes; at most {CMDLINE_MAX} are allowed")]
+    CmdlineTooLong(usize),
+}
+
+impl KernelImage {
+    /// A short name for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            KernelImage::File(p) => p.display().to_string(),
+            KernelImage::Bytes(_) => "the embedded probe guest".into(),
+        }
+    }
+}
+
+/// True when `image` starts like an ELF or has a bzImage header.
+fn looks_like_kernel<R: Read + Seek>(image: &mut R) -> bool {
+    let mut m = [0u8; 4];
+    let elf = image.read_exact(&mut m).is_ok() && &m == b"\x7fELF";
+    elf || (image.seek(SeekFrom::Start(0x202)).is_ok()
+        && image.read_exact(&mut m).is_ok()
+        && &m == b"HdrS")
+}
+
+impl VmConfig {
+    /// Checks the configuration against `host` before anything is built.
+    pub fn validate(&self, host: &Host) -> Result<(), ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.vcpus > host.max_vcpus {
+            return Err(ConfigError::TooManyVcpus(self.vcpus.into(), host.max_vcpus));
+        }
+        if self.memory < MIN_MEMORY {
+            return Err(ConfigError::TooLittleMemory(self.memory));
+        }
+        if self.memory > host.memory {
+            return Err(ConfigError::TooMuchMemory(self.memory, host.memory));
+        }
+        if self.cmdline.len() > CMDLINE_MAX {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        match &self.kernel {
+            KernelImage::File(path) => {
+                let mut f = std::fs::File::open(path)
+                    .map_err(|e| ConfigError::KernelFile(path.clone(), e))?;
+                if !f.metadata().is_ok_and(|m| m.is_file()) || !looks_like_kernel(&mut f) {
+                    return Err(ConfigError::NotAKernel(path.display().to_string()));
+                }
+            }
+            KernelImage::Bytes(b) => {
+                if !looks_like_kernel(&mut std::io::Cursor::new(&b[..])) {
+                    return Err(ConfigError::NotAKernel(self.kernel.describe()));
+                }
+            }
+        }
+        if let Some(path) = &self.initrd {
+            let meta =
+                std::fs::metadata(path).map_err(|e| ConfigError::InitrdFile(path.clone(), e))?;
+            if !meta.is_file() {
+                return Err(ConfigError::InitrdFile(
+                    path.clone(),
+                    std::io::Error::other("not a regular file"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a size: a number with an optional binary unit (`K`/`KiB`, `M`/`MiB`, `G`/`GiB`,
+/// `T`/`TiB`, `B`). A bare number is in `bare_unit` bytes (MiB for the CLI, bytes for the API).
+pub fn parse_size(s: &str, bare_unit: u64) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() {
+        return Err(format!(
+            "invalid size {s:?}: expected a number such as 512MiB or 2G"
+        ));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: number too large"))?;
+    let mult = match unit.trim() {
+        "" => bare_unit,
+        "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        u => {
+            return Err(format!(
+            "invalid size {s:?}: unknown unit {u:?}; use B, KiB, MiB, GiB or TiB (or K, M, G, T)"
+        ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256", 1 << 20), Ok(256 << 20));
+        assert_eq!(parse_size("256", 1), Ok(256));
+        assert_eq!(parse_size("512MiB", 1), Ok(512 << 20));
+        assert_eq!(parse_size("2G", 1), Ok(2 << 30));
+        assert_eq!(parse_size("4096B", 1 << 20), Ok(4096));
+        let e = parse_size("12XB", 1 << 20).unwrap_err();
+        assert!(e.contains("unknown unit \"XB\""), "{e}");
+        assert!(parse_size("MiB", 1).is_err());
+        assert!(parse_size("", 1).is_err());
+        assert!(parse_size("-5M", 1).is_err());
+        assert!(parse_size("99999999999999999999", 1).is_err());
+        assert!(parse_size("17179869184T", 1).is_err());
+    }
+}

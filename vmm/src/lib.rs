@@ -1,0 +1,13 @@
+//! The Kiln VM: KVM, guest memory, vCPU threads, the per-VM event loop and the lifecycle
+//! (power-off ends the VM, a guest reset re-boots it in place, an internal error fails it).
+
+pub mod config;
+mod event_loop;
+pub mod host;
+mod machine;
+mod vcpu;
+pub mod vm;
+
+pub use config::{parse_size, ConfigError, KernelImage, VmConfig};
+pub use host::Host;
+pub use vm::{Console, Exit, Vm, VmError, VmHandle};

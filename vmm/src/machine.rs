@@ -1,0 +1,360 @@
+//! One boot of a VM: the KVM VM, guest memory with the kernel and boot tables, the devices,
+//! the vCPU threads and the event loop. A guest reset drops it and builds the next one.
+
+use std::fs::File;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use boot::acpi::{AcpiConfig, S5_SLEEP_TYPE};
+use boot::kernel::{BootEntry, LoadedKernel};
+use boot::layout;
+use boot::params::BootInfo;
+use devices::acpi_pm::{AcpiPm, ResetRegister};
+use devices::cmos::{Cmos, Nvram};
+use devices::i8042::I8042;
+use devices::legacy;
+use devices::serial::Serial;
+use devices::{Bus, RequestSink};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::config::{KernelImage, VmConfig};
+use crate::event_loop::{ConsoleInput, EventLoop};
+use crate::host::Host;
+use crate::vcpu::{self, Buses};
+use crate::vm::{BootControl, SharedWriter, VmError};
+
+/// TSS and identity-map pages KVM needs below 4 GiB (Intel), inside the MMIO gap.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+/// What survives a guest reset: the console and the CMOS NVRAM.
+pub(crate) struct Persistent {
+    pub output: SharedWriter,
+    pub input: Option<File>,
+    pub nvram: Nvram,
+}
+
+/// A running boot.
+pub(crate) struct Machine {
+    vcpus: Vec<JoinHandle<()>>,
+    events: Option<EventLoop>,
+    control: Arc<BootControl>,
+    // Kept alive until the vCPU threads are gone.
+    _vm: VmFd,
+    _mem: GuestMemoryMmap,
+}
+
+fn build_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> VmError + '_ {
+    move |e| VmError::Build(format!("{what}: {e}"))
+}
+
+impl Machine {
+    /// Builds the VM and starts its vCPUs.
+    pub fn start(
+        host: &Host,
+        config: &VmConfig,
+        persistent: &Persistent,
+        control: Arc<BootControl>,
+    ) -> Result<Self, VmError> {
+        install_kick_handler();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(config.memory))
+            .map_err(|e| VmError::Build(format!("cannot allocate guest memory: {e}")))?;
+        let vm = create_vm(host)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host_addr = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Build(format!("guest memory: {e}")))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host_addr as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM fd
+            // (both are dropped together, after the vCPU threads have been joined).
+            unsafe { vm.set_user_memory_region(r) }.map_err(build_err("memory region"))?;
+        }
+
+        let kernel = load_guest(&mem, config)?;
+        let requests: RequestSink = control.clone();
+        let (pio, serial, room) = legacy_devices(&vm, persistent, requests)?;
+        let buses = Arc::new(Buses {
+            pio,
+            mmio: Bus::new(),
+        });
+
+        let entry = kernel.entry;
+        let vcpu_fds = (0..config.vcpus)
+            .map(|id| configure_vcpu(host, &vm, id, config.vcpus, (id == 0).then_some(entry)))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let console = match &persistent.input {
+            Some(f) => Some(ConsoleInput {
+                input: f
+                    .try_clone()
+                    .map_err(|e| VmError::Build(format!("console input: {e}")))?,
+                room,
+                serial,
+                watching: false,
+                closed: false,
+            }),
+            None => None,
+        };
+        let events =
+            EventLoop::start(console).map_err(|e| VmError::Build(format!("event loop: {e}")))?;
+
+        let mut machine = Machine {
+            vcpus: Vec::new(),
+            events: Some(events),
+            control: control.clone(),
+            _vm: vm,
+            _mem: mem,
+        };
+        for (id, fd) in vcpu_fds.into_iter().enumerate() {
+            let (buses, control) = (buses.clone(), control.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("kiln-vcpu{id}"))
+                .spawn(move || {
+                    let c = control.clone();
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        vcpu::run(fd, id as u8, buses, control)
+                    }));
+                    if let Err(p) = r {
+                        let msg = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        c.finish(crate::vm::Outcome::Failed(format!(
+                            "vCPU {id} panicked: {msg}"
+                        )));
+                    }
+                });
+            match t {
+                Ok(t) => machine.vcpus.push(t),
+                Err(e) => {
+                    machine.stop();
+                    return Err(VmError::Build(format!("cannot start a vCPU thread: {e}")));
+                }
+            }
+        }
+        Ok(machine)
+    }
+
+    /// Stops the vCPUs (kicking them out of `KVM_RUN`) and the event loop, and waits for them.
+    pub fn stop(mut self) {
+        self.control.end();
+        let mut threads = std::mem::take(&mut self.vcpus);
+        // A kick can land just before a vCPU enters KVM_RUN: repeat until every thread is out.
+        while !threads.is_empty() {
+            for t in &threads {
+                let _ = t.kill(SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+            let (done, running): (Vec<_>, Vec<_>) =
+                threads.into_iter().partition(|t| t.is_finished());
+            for t in done {
+                let _ = t.join();
+            }
+            threads = running;
+        }
+        if let Some(e) = self.events.take() {
+            e.stop();
+        }
+    }
+}
+
+fn create_vm(host: &Host) -> Result<VmFd, VmError> {
+    let vm = loop {
+        match host.kvm.create_vm() {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            r => break r.map_err(build_err("KVM_CREATE_VM"))?,
+        }
+    };
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(build_err("TSS address"))?;
+    vm.create_irq_chip().map_err(build_err("irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(build_err("PIT"))?;
+    Ok(vm)
+}
+
+/// Loads the kernel, initrd, command line and every boot table.
+fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedKernel, VmError> {
+    let kernel = match &config.kernel {
+        KernelImage::File(path) => {
+            let mut f = File::open(path)
+                .map_err(|e| VmError::Build(format!("kernel {}: {e}", path.display())))?;
+            boot::kernel::load_kernel(mem, &mut f)
+        }
+        KernelImage::Bytes(b) => boot::kernel::load_kernel(mem, &mut Cursor::new(&b[..])),
+    }
+    .map_err(|e| VmError::Build(format!("{}: {e}", config.kernel.describe())))?;
+
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let mut f = File::open(path)
+                .map_err(|e| VmError::Build(format!("initrd {}: {e}", path.display())))?;
+            let size = f
+                .metadata()
+                .map_err(|e| VmError::Build(format!("initrd {}: {e}", path.display())))?
+                .len();
+            let max = kernel
+                .setup_header
+                .map(|h| u64::from(h.initrd_addr_max))
+                .filter(|&m| m != 0)
+                .unwrap_or(u64::MAX);
+            let addr = boot::kernel::initrd_address(config.memory, kernel.end, size, max)?;
+            boot::kernel::load_initrd(mem, addr, &mut f, size)?;
+            Some((addr, size))
+        }
+        None => None,
+    };
+    let cmdline_len = boot::params::write_cmdline(mem, &config.cmdline)?;
+    let tables = boot::acpi::write_tables(mem, &acpi_config(config.vcpus))?;
+    boot::mptable::write(mem, config.vcpus)?;
+    boot::cpu::write_boot_tables(mem)?;
+    let info = BootInfo {
+        mem_size: config.memory,
+        cmdline_len,
+        initrd,
+        rsdp: tables.rsdp.0,
+    };
+    match kernel.entry {
+        BootEntry::Pvh(_) => boot::params::write_pvh(mem, &info)?,
+        BootEntry::Linux64(_) => boot::params::write_zero_page(mem, &info, kernel.setup_header)?,
+    };
+    Ok(kernel)
+}
+
+/// The platform the ACPI tables describe: the legacy devices of [`legacy_devices`].
+fn acpi_config(vcpus: u8) -> AcpiConfig {
+    AcpiConfig {
+        vcpus,
+        pm1a_evt_port: legacy::PM1A_EVT,
+        pm1a_cnt_port: legacy::PM1A_CNT,
+        reset_port: legacy::RESET.0,
+        reset_value: legacy::RESET.1,
+        sci_irq: legacy::SCI_IRQ,
+        serial_ports: vec![legacy::COM1],
+        rtc: Some(legacy::CMOS),
+        virtio_mmio: Vec::new(),
+    }
+}
+
+type LegacyDevices = (Bus, Arc<Mutex<Serial>>, EventFd);
+
+/// COM1, the i8042, the CMOS RTC and the ACPI registers on the port bus, with irqfds.
+fn legacy_devices(
+    vm: &VmFd,
+    persistent: &Persistent,
+    requests: RequestSink,
+) -> Result<LegacyDevices, VmError> {
+    let io = |e: std::io::Error| VmError::Build(format!("device setup: {e}"));
+    let irqfd = |gsi: u8| -> Result<Arc<EventFd>, VmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
+        vm.register_irqfd(&evt, gsi.into())
+            .map_err(build_err("irqfd"))?;
+        Ok(Arc::new(evt))
+    };
+    let room = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        irqfd(legacy::COM1.1)?,
+        Box::new(persistent.output.clone()),
+        room.try_clone().map_err(io)?,
+    )));
+    let mut pio = Bus::new();
+    let overlap = |e: devices::bus::Overlap| VmError::Build(e.to_string());
+    pio.insert(legacy::COM1.0.into(), 8, serial.clone())
+        .map_err(overlap)?;
+    pio.insert(
+        legacy::I8042_PORT.into(),
+        5,
+        Arc::new(Mutex::new(I8042::new(requests.clone()))),
+    )
+    .map_err(overlap)?;
+    pio.insert(
+        legacy::CMOS.0.into(),
+        2,
+        Arc::new(Mutex::new(Cmos::new(persistent.nvram.clone()))),
+    )
+    .map_err(overlap)?;
+    let pm = AcpiPm::new(S5_SLEEP_TYPE, irqfd(legacy::SCI_IRQ)?, requests.clone());
+    pio.insert(
+        legacy::PM1A_EVT.into(),
+        AcpiPm::LEN,
+        Arc::new(Mutex::new(pm)),
+    )
+    .map_err(overlap)?;
+    debug_assert_eq!(
+        u64::from(legacy::PM1A_EVT) + AcpiPm::CONTROL_OFFSET,
+        u64::from(legacy::PM1A_CNT)
+    );
+    pio.insert(
+        legacy::RESET.0.into(),
+        1,
+        Arc::new(Mutex::new(ResetRegister::new(requests))),
+    )
+    .map_err(overlap)?;
+    Ok((pio, serial, room))
+}
+
+/// Creates vCPU `id` with CPUID, MSRs, FPU and LAPIC set; the boot vCPU also gets its entry
+/// registers. The others wait for INIT-SIPI in the in-kernel LAPIC.
+fn configure_vcpu(
+    host: &Host,
+    vm: &VmFd,
+    id: u8,
+    count: u8,
+    entry: Option<BootEntry>,
+) -> Result<VcpuFd, VmError> {
+    let vcpu = vm
+        .create_vcpu(id.into())
+        .map_err(build_err("create vCPU"))?;
+    let cpuid = boot::cpu::filter_cpuid(&host.cpuid, id, count, host.quirks)?;
+    vcpu.set_cpuid2(&cpuid).map_err(build_err("CPUID"))?;
+    let entries: Vec<_> = boot::cpu::boot_msrs()
+        .into_iter()
+        .filter(|m| host.msrs.contains(&m.index))
+        .collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|e| VmError::Build(format!("MSRs: {e:?}")))?;
+    let set = vcpu.set_msrs(&msrs).map_err(build_err("MSRs"))?;
+    if set != entries.len() {
+        let failed = entries[set].index;
+        return Err(VmError::Build(format!("KVM refused MSR {failed:#x}")));
+    }
+    vcpu.set_fpu(&boot::cpu::boot_fpu())
+        .map_err(build_err("FPU"))?;
+    let mut lapic = vcpu.get_lapic().map_err(build_err("LAPIC"))?;
+    boot::cpu::set_lint(&mut lapic);
+    vcpu.set_lapic(&lapic).map_err(build_err("LAPIC"))?;
+    if let Some(entry) = entry {
+        vcpu.set_regs(&boot::cpu::boot_regs(entry))
+            .map_err(build_err("registers"))?;
+        let mut sregs = vcpu.get_sregs().map_err(build_err("segment registers"))?;
+        boot::cpu::boot_sregs(entry, &mut sregs);
+        vcpu.set_sregs(&sregs)
+            .map_err(build_err("segment registers"))?;
+    }
+    Ok(vcpu)
+}
+
+/// Installs the no-op handler of the signal that kicks vCPUs out of `KVM_RUN`.
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(SIGRTMIN(), noop) {
+            tracing::error!("cannot install the vCPU kick handler: {e}");
+        }
+    });
+}

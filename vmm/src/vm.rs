@@ -1,0 +1,219 @@
+//! A VM and its lifecycle across guest reboots.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use devices::bus::lock;
+use devices::{GuestRequest, GuestRequests};
+
+use crate::config::{ConfigError, VmConfig};
+use crate::host::Host;
+use crate::machine::{Machine, Persistent};
+
+/// How a VM ended without failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The owner stopped it ([`VmHandle::stop`]).
+    Stopped,
+}
+
+/// Why a VM could not be built or did not end cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration does not fit the host.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Building the VM failed.
+    #[error("cannot build the VM: {0}")]
+    Build(String),
+    /// The VM failed while running.
+    #[error("the VM failed: {0}")]
+    Failed(String),
+}
+
+impl From<boot::Error> for VmError {
+    fn from(e: boot::Error) -> Self {
+        VmError::Build(e.to_string())
+    }
+}
+
+/// The serial console of a VM.
+pub struct Console {
+    /// Where the guest's serial output goes.
+    pub output: Box<dyn Write + Send>,
+    /// Bytes for the guest's serial input, if any.
+    pub input: Option<File>,
+}
+
+/// A clonable writer over the owner's console sink, shared by every boot of the VM.
+#[derive(Clone)]
+pub(crate) struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.0).flush()
+    }
+}
+
+/// How one boot ended.
+#[derive(Clone, Debug)]
+pub(crate) enum Outcome {
+    PowerOff,
+    Reset(&'static str),
+    Stop,
+    Failed(String),
+}
+
+/// Where the threads of one boot report how it ends; the first report wins.
+pub(crate) struct BootControl {
+    outcome: Mutex<Option<Outcome>>,
+    changed: Condvar,
+    ending: AtomicBool,
+}
+
+impl BootControl {
+    fn new() -> Self {
+        Self {
+            outcome: Mutex::new(None),
+            changed: Condvar::new(),
+            ending: AtomicBool::new(false),
+        }
+    }
+
+    /// Records how the boot ends (if nothing was recorded yet) and tells every thread.
+    pub fn finish(&self, outcome: Outcome) {
+        let mut o = lock(&self.outcome);
+        if o.is_none() {
+            *o = Some(outcome);
+        }
+        self.ending.store(true, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Tells the vCPU threads to leave (used while tearing down).
+    pub fn end(&self) {
+        self.ending.store(true, Ordering::Release);
+    }
+
+    /// True once the boot is ending: vCPU threads leave their loop.
+    pub fn is_ending(&self) -> bool {
+        self.ending.load(Ordering::Acquire)
+    }
+
+    fn wait(&self) -> Outcome {
+        let mut o = lock(&self.outcome);
+        loop {
+            if let Some(outcome) = o.clone() {
+                return outcome;
+            }
+            o = self.changed.wait(o).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl GuestRequests for BootControl {
+    fn request(&self, what: GuestRequest, how: &'static str) {
+        self.finish(match what {
+            GuestRequest::PowerOff => Outcome::PowerOff,
+            GuestRequest::Reset => Outcome::Reset(how),
+        });
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    current: Mutex<Option<Arc<BootControl>>>,
+    boots: AtomicU32,
+}
+
+/// Controls a running [`Vm`] from other threads.
+#[derive(Clone)]
+pub struct VmHandle(Arc<Shared>);
+
+impl VmHandle {
+    /// Stops the VM (a hard stop): [`Vm::run`] returns [`Exit::Stopped`].
+    pub fn stop(&self) {
+        self.0.stop.store(true, Ordering::Release);
+        if let Some(c) = lock(&self.0.current).as_ref() {
+            c.finish(Outcome::Stop);
+        }
+    }
+
+    /// Number of times the guest has been booted (1 after the first boot starts).
+    pub fn boots(&self) -> u32 {
+        self.0.boots.load(Ordering::Acquire)
+    }
+}
+
+/// A VM: a configuration, a console and the CMOS NVRAM, booted again in place on guest reset.
+pub struct Vm {
+    host: Arc<Host>,
+    config: VmConfig,
+    persistent: Persistent,
+    shared: Arc<Shared>,
+}
+
+impl Vm {
+    /// Validates `config` against `host`; nothing runs until [`Vm::run`].
+    pub fn new(host: Arc<Host>, config: VmConfig, console: Console) -> Result<Self, VmError> {
+        config.validate(&host)?;
+        Ok(Self {
+            host,
+            config,
+            persistent: Persistent {
+                output: SharedWriter(Arc::new(Mutex::new(console.output))),
+                input: console.input,
+                nvram: Arc::new(Mutex::new([0; 128])),
+            },
+            shared: Arc::default(),
+        })
+    }
+
+    /// A handle to stop the VM from another thread.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle(self.shared.clone())
+    }
+
+    /// Boots the guest and runs it until it powers off, is stopped, or fails. A guest reset
+    /// (i8042, the ACPI reset register, a triple fault) re-boots it in place: fresh memory,
+    /// kernel reloaded, vCPUs reset; console and NVRAM kept.
+    pub fn run(&mut self) -> Result<Exit, VmError> {
+        loop {
+            let control = Arc::new(BootControl::new());
+            *lock(&self.shared.current) = Some(control.clone());
+            if self.shared.stop.load(Ordering::Acquire) {
+                return Ok(Exit::Stopped);
+            }
+            self.shared.boots.fetch_add(1, Ordering::AcqRel);
+            let machine =
+                Machine::start(&self.host, &self.config, &self.persistent, control.clone());
+            let machine = match machine {
+                Ok(m) => m,
+                Err(e) => {
+                    *lock(&self.shared.current) = None;
+                    return Err(e);
+                }
+            };
+            let outcome = control.wait();
+            machine.stop();
+            *lock(&self.shared.current) = None;
+            let _ = self.persistent.output.flush();
+            match outcome {
+                Outcome::PowerOff => return Ok(Exit::PowerOff),
+                Outcome::Stop => return Ok(Exit::Stopped),
+                Outcome::Failed(reason) => return Err(VmError::Failed(reason)),
+                Outcome::Reset(how) => {
+                    tracing::info!("guest reset ({how}): rebooting in place");
+                }
+            }
+        }
+    }
+}
