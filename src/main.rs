@@ -22,16 +22,22 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    init_logging();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run::run(args),
     };
     std::process::exit(code);
+}
+
+/// Logs go to stderr; `KILN_LOG` takes a tracing filter (`info`, `vmm=debug`). Without it only
+/// warnings and errors are shown, and no filter is compiled (it costs startup time).
+fn init_logging() {
+    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    match std::env::var("KILN_LOG") {
+        Ok(spec) => fmt
+            .with_env_filter(tracing_subscriber::EnvFilter::new(spec))
+            .init(),
+        Err(_) => fmt.with_max_level(tracing::Level::WARN).init(),
+    }
 }

@@ -65,34 +65,42 @@ impl Machine {
         let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(config.memory))
             .map_err(|e| VmError::Build(format!("cannot allocate guest memory: {e}")))?;
         let vm = create_vm(host)?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host_addr = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Build(format!("guest memory: {e}")))?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host_addr as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM fd
-            // (both are dropped together, after the vCPU threads have been joined).
-            unsafe { vm.set_user_memory_region(r) }.map_err(build_err("memory region"))?;
-        }
-
-        let kernel = load_guest(&mem, config)?;
-        let requests: RequestSink = control.clone();
-        let (pio, serial, room) = legacy_devices(&vm, persistent, requests)?;
+        // Registering memory waits for the host (an SRCU grace period, milliseconds on some
+        // hosts): do it while the guest image, devices and vCPUs are prepared.
+        let (prepared, slots) = std::thread::scope(|s| {
+            let slots = s.spawn(|| {
+                let t = std::time::Instant::now();
+                let r = register_memory(&vm, &mem);
+                tracing::debug!(
+                    us = t.elapsed().as_micros() as u64,
+                    "guest memory registered"
+                );
+                r
+            });
+            let prepared = (|| {
+                let kernel = load_guest(&mem, config)?;
+                let requests: RequestSink = control.clone();
+                let (pio, serial, room) = legacy_devices(&vm, persistent, requests)?;
+                let vcpu_fds = (0..config.vcpus)
+                    .map(|id| {
+                        let entry = (id == 0).then_some(kernel.entry);
+                        configure_vcpu(host, &vm, id, config.vcpus, entry)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                tracing::debug!("guest loaded, devices and vCPUs configured");
+                Ok::<_, VmError>((pio, serial, room, vcpu_fds))
+            })();
+            let slots = slots
+                .join()
+                .unwrap_or_else(|_| Err(VmError::Build("memory registration panicked".into())));
+            (prepared, slots)
+        });
+        slots?;
+        let (pio, serial, room, vcpu_fds) = prepared?;
         let buses = Arc::new(Buses {
             pio,
             mmio: Bus::new(),
         });
-
-        let entry = kernel.entry;
-        let vcpu_fds = (0..config.vcpus)
-            .map(|id| configure_vcpu(host, &vm, id, config.vcpus, (id == 0).then_some(entry)))
-            .collect::<Result<Vec<_>, _>>()?;
 
         let console = match &persistent.input {
             Some(f) => Some(ConsoleInput {
@@ -168,6 +176,26 @@ impl Machine {
             e.stop();
         }
     }
+}
+
+/// Tells KVM where guest RAM is.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host_addr = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Build(format!("guest memory: {e}")))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host_addr as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by the Machine's `mem`, which outlives
+        // the VM fd's use (the vCPU threads are joined before either is dropped).
+        unsafe { vm.set_user_memory_region(r) }.map_err(build_err("memory region"))?;
+    }
+    Ok(())
 }
 
 fn create_vm(host: &Host) -> Result<VmFd, VmError> {

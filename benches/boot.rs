@@ -1,0 +1,175 @@
+//! Boot benchmark: process start → probe-guest banner and → process exit, and peak RSS, for
+//! `kiln run` and for QEMU microvm booting the same probe guest, interleaved, N runs each.
+//!
+//!     cargo bench --bench boot -- [--runs N] [--no-qemu]
+//!
+//! Kiln runs the embedded probe guest, which powers off. QEMU (`-M microvm,acpi=off`, as
+//! GUESTS.md's reference configuration) has neither ACPI power-off nor an i8042 there, so its
+//! probe triple-faults and QEMU exits through `-no-reboot`.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BANNER: &[u8] = b"KILN-PROBE v1 ";
+
+struct Sample {
+    banner: Duration,
+    exit: Duration,
+    max_rss_kib: i64,
+    status: i32,
+}
+
+fn one_run(cmd: &[String]) -> Sample {
+    let start = Instant::now();
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", cmd[0]));
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut banner = None;
+    loop {
+        let n = out.read(&mut chunk).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if banner.is_none() && buf.windows(BANNER.len()).any(|w| w == BANNER) {
+            banner = Some(start.elapsed());
+        }
+    }
+    drop(out);
+    let mut status = 0;
+    // SAFETY: wait4 on our own child, with out-parameters we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4");
+    let exit = start.elapsed();
+    std::mem::forget(child); // already reaped
+    let banner = banner.unwrap_or_else(|| {
+        panic!(
+            "no banner from {}: {}",
+            cmd[0],
+            String::from_utf8_lossy(&buf)
+        )
+    });
+    Sample {
+        banner,
+        exit,
+        max_rss_kib: usage.ru_maxrss,
+        status: libc::WEXITSTATUS(status),
+    }
+}
+
+/// The probe.elf build.rs embedded (newest, if several builds exist).
+fn probe_elf() -> PathBuf {
+    let build = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/build");
+    std::fs::read_dir(&build)
+        .expect("target/release/build")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("out/probe.elf"))
+        .filter(|p| p.exists() && p.metadata().is_ok_and(|m| m.len() > 0))
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .expect("probe.elf not found: cargo build --release first")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20usize);
+    let with_qemu = !args.iter().any(|a| a == "--no-qemu");
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut subjects = vec![(
+        "kiln",
+        s(&[
+            env!("CARGO_BIN_EXE_kiln"),
+            "run",
+            "--cpus",
+            "1",
+            "--memory",
+            "256MiB",
+            "--cmdline",
+            "console=ttyS0 probe=poweroff",
+        ]),
+    )];
+    if with_qemu {
+        let probe = probe_elf();
+        subjects.push((
+            "qemu-microvm",
+            s(&[
+                "qemu-system-x86_64",
+                "-M",
+                "microvm,acpi=off",
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-smp",
+                "1",
+                "-m",
+                "256",
+                "-kernel",
+                probe.to_str().unwrap(),
+                "-append",
+                "console=ttyS0 probe=triplefault",
+            ]),
+        ));
+    }
+    let mut results: Vec<Vec<Sample>> = subjects.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (i, (_, cmd)) in subjects.iter().enumerate() {
+            results[i].push(one_run(cmd));
+        }
+    }
+    println!(
+        "{:14} {:>4} {:>10} {:>9} {:>13}  exit status",
+        "subject", "runs", "banner ms", "exit ms", "peak RSS MiB"
+    );
+    for ((name, _), rs) in subjects.iter().zip(results) {
+        let ms = |f: &dyn Fn(&Sample) -> Duration| {
+            median(rs.iter().map(|r| f(r).as_secs_f64() * 1000.0).collect())
+        };
+        let rss = median(rs.iter().map(|r| r.max_rss_kib as f64 / 1024.0).collect());
+        let mut codes: Vec<i32> = rs.iter().map(|r| r.status).collect();
+        codes.sort();
+        codes.dedup();
+        println!(
+            "{:14} {:>4} {:>10.1} {:>9.1} {:>13.1}  {:?}",
+            name,
+            rs.len(),
+            ms(&|r| r.banner),
+            ms(&|r| r.exit),
+            rss,
+            codes
+        );
+    }
+    let _ = std::io::stdout().as_raw_fd();
+}
