@@ -160,3 +160,30 @@ fn pvh_memory_map_and_initrd_reach_the_guest() {
     assert_eq!(addr % 4096, 0);
     assert!(addr + 50_000 <= 64 << 20 && addr > 32 << 20, "{line}");
 }
+
+#[test]
+fn cpuid_shows_the_hypervisor_and_hides_what_pvm_cannot_run() {
+    let r = probe("cpuid,poweroff", &[]);
+    assert_clean_poweroff(&r);
+    let line = r
+        .lines()
+        .into_iter()
+        .find(|l| l.starts_with("PROBE-OK cpuid "))
+        .unwrap_or_else(|| panic!("{}", r.dump()))
+        .to_string();
+    let word = |name: &str| {
+        let v = line
+            .split(&format!("{name}=0x"))
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        u32::from_str_radix(v, 16).unwrap()
+    };
+    let ecx = word("1.ecx");
+    assert_ne!(ecx & (1 << 31), 0, "hypervisor bit: {line}");
+    if vmm::host::is_pvm() {
+        assert_eq!(ecx & (1 << 13), 0, "CMPXCHG16B hidden on PVM: {line}");
+    }
+}

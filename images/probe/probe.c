@@ -528,6 +528,29 @@ static void cmd_cmdline(void)
 	line_end();
 }
 
+/* The CPUID words the VMM filters: leaf 1 ECX/EDX, leaf 7 EBX/ECX/EDX, leaf 0xD EAX. */
+static void cmd_cpuid(void)
+{
+	u32 a, b, c, d, b7, c7, d7, ad;
+	cpuid(1, &a, &b, &c, &d);
+	cpuid(7, &a, &b7, &c7, &d7);
+	cpuid(0xd, &ad, &a, &a, &a);
+	line_begin();
+	ps("PROBE-OK cpuid 1.ecx=");
+	phex(c);
+	ps(" 1.edx=");
+	phex(d);
+	ps(" 7.ebx=");
+	phex(b7);
+	ps(" 7.ecx=");
+	phex(c7);
+	ps(" 7.edx=");
+	phex(d7);
+	ps(" d.eax=");
+	phex(ad);
+	line_end();
+}
+
 static void cmd_e820(void)
 {
 	for (u32 i = 0; i < e820_n; i++) {
@@ -928,6 +951,7 @@ static const struct command {
 } commands[] = {
 	{ "cmdline", cmd_cmdline },
 	{ "e820", cmd_e820 },
+	{ "cpuid", cmd_cpuid },
 	{ "initrd", cmd_initrd },
 	{ "acpi", cmd_acpi },
 	{ "cpus", cmd_cpus },
