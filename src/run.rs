@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use vmm::{Console, Exit, Host, KernelImage, Vm, VmConfig};
+use vmm::{Console, DiskConfig, Exit, Host, KernelImage, NetConfig, Vm, VmConfig};
 
 /// The probe guest (images/probe), built by build.rs.
 pub static PROBE_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
@@ -35,6 +35,71 @@ pub struct RunArgs {
     /// Guest memory: a number of MiB, or a size with a unit (512MiB, 2G).
     #[arg(long, value_name = "SIZE", default_value = "256MiB")]
     memory: String,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID]; repeatable. Raw or qcow2.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// A virtio-net NIC on a TAP device (created if missing): tap=NAME[,mac=MAC]; repeatable.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
+}
+
+/// Splits `a=1,b=2` into pairs, refusing keys not in `known`.
+fn key_values<'a>(spec: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>, String> {
+    spec.split(',')
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("{kv:?} is not key=value"))?;
+            if known.contains(&k) {
+                Ok((k, v))
+            } else {
+                Err(format!(
+                    "unknown key {k:?}; known keys: {}",
+                    known.join(", ")
+                ))
+            }
+        })
+        .collect()
+}
+
+fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
+    let mut disk = DiskConfig {
+        path: PathBuf::new(),
+        read_only: false,
+        serial: String::new(),
+    };
+    for (k, v) in key_values(spec, &["path", "readonly", "serial"])? {
+        match k {
+            "path" => disk.path = PathBuf::from(v),
+            "readonly" => {
+                disk.read_only = match v {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(format!("readonly={v}: use on or off")),
+                }
+            }
+            _ => disk.serial = v.to_string(),
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err("path=FILE is required".into());
+    }
+    Ok(disk)
+}
+
+fn parse_net(spec: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for (k, v) in key_values(spec, &["tap", "mac"])? {
+        match k {
+            "tap" => tap = Some(v.to_string()),
+            _ => mac = Some(vmm::parse_mac(v)?),
+        }
+    }
+    Ok(NetConfig {
+        tap: tap.ok_or("tap=NAME is required")?,
+        mac: mac.unwrap_or_else(vmm::random_mac),
+    })
 }
 
 pub fn run(args: RunArgs) -> i32 {
@@ -60,6 +125,30 @@ pub fn run(args: RunArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
+    let disks = match args
+        .disk
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("kiln: --disk: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let nets = match args
+        .net
+        .iter()
+        .map(|n| parse_net(n))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("kiln: --net: {e}");
+            return EXIT_USAGE;
+        }
+    };
     let config = VmConfig {
         vcpus,
         memory,
@@ -69,6 +158,8 @@ pub fn run(args: RunArgs) -> i32 {
         },
         initrd: args.initrd,
         cmdline: args.cmdline,
+        disks,
+        nets,
     };
 
     let terminal = std::io::stdin().is_terminal();
@@ -131,6 +222,9 @@ fn explain(e: &vmm::VmError) -> String {
                 C::KernelFile(..) | C::NotAKernel(_) => "--kernel",
                 C::InitrdFile(..) => "--initrd",
                 C::CmdlineTooLong(_) => "--cmdline",
+                C::Disk(..) => "--disk",
+                C::Net(..) => "--net",
+                C::TooManyDevices(_) => "--disk/--net",
             };
             format!("{flag}: {c}")
         }

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod cmos;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Arc;
 

@@ -30,6 +30,72 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
+    /// virtio-blk disks, in the order the guest finds them.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, in the order the guest finds them (after the disks).
+    pub nets: Vec<NetConfig>,
+}
+
+/// A disk image attached as virtio-blk.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    /// The image file (raw or qcow2).
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+    /// What GET_ID returns (at most 20 bytes).
+    pub serial: String,
+}
+
+/// A NIC on a host TAP device.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The TAP device (created if missing).
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Most virtio devices a VM can have (one IOAPIC pin each, GSIs 16–23).
+pub const MAX_VIRTIO_DEVICES: usize = 8;
+
+/// Parses `aa:bb:cc:dd:ee:ff`; multicast addresses are refused.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!(
+            "invalid MAC {s:?}: expected six hex bytes like 02:00:00:00:00:01"
+        ));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("invalid MAC {s:?}: {p:?} is not a hex byte"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "invalid MAC {s:?}: a multicast address cannot be a NIC's"
+        ));
+    }
+    Ok(mac)
+}
+
+/// A random locally administered unicast MAC address.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most the buffer's length.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != mac.len() as isize {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        mac.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
 }
 
 /// A configuration the host cannot run, with what to change.
@@ -59,6 +125,15 @@ pub enum ConfigError {
     /// The command line is too long.
     #[error("the kernel command line is {0} bytes; at most {CMDLINE_MAX} are allowed")]
     CmdlineTooLong(usize),
+    /// A disk image cannot be used.
+    #[error("disk {0}: {1}")]
+    Disk(PathBuf, String),
+    /// A NIC cannot be used.
+    #[error("NIC on TAP {0:?}: {1}")]
+    Net(String, String),
+    /// More virtio devices than the machine has interrupt lines for.
+    #[error("{0} disks and NICs requested; at most {MAX_VIRTIO_DEVICES} are supported")]
+    TooManyDevices(usize),
 }
 
 impl KernelImage {
@@ -80,7 +155,49 @@ fn looks_like_kernel<R: Read + Seek>(image: &mut R) -> bool {
         && &m == b"HdrS")
 }
 
+/// Where a virtio device sits: its MMIO window and its GSI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Base of the MMIO window.
+    pub base: u64,
+    /// Length of the window.
+    pub len: u64,
+    /// Its interrupt line on the IOAPIC.
+    pub gsi: u32,
+}
+
+/// First GSI given to virtio devices: above the ISA range, so no legacy device shares it.
+const VIRTIO_FIRST_GSI: u32 = 16;
+
 impl VmConfig {
+    /// The virtio devices' slots: disks first, then NICs, one 4 KiB window and one GSI each.
+    pub fn virtio_slots(&self) -> Vec<VirtioSlot> {
+        let len = devices::virtio::mmio::MMIO_WINDOW;
+        (0..self.disks.len() + self.nets.len())
+            .map(|i| VirtioSlot {
+                base: boot::layout::VIRTIO_MMIO_START + i as u64 * len,
+                len,
+                gsi: VIRTIO_FIRST_GSI + i as u32,
+            })
+            .collect()
+    }
+
+    /// The command line the guest gets: the configured one, plus a `virtio_mmio.device=`
+    /// token per virtio device for kernels that do not read the DSDT (the ACPI tables describe
+    /// the devices too).
+    pub fn full_cmdline(&self) -> String {
+        let mut c = self.cmdline.clone();
+        for s in self.virtio_slots() {
+            c.push_str(&format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                s.len >> 10,
+                s.base,
+                s.gsi
+            ));
+        }
+        c
+    }
+
     /// Checks the configuration against `host` before anything is built.
     pub fn validate(&self, host: &Host) -> Result<(), ConfigError> {
         if self.vcpus == 0 {
@@ -95,8 +212,9 @@ impl VmConfig {
         if self.memory > host.memory {
             return Err(ConfigError::TooMuchMemory(self.memory, host.memory));
         }
-        if self.cmdline.len() > CMDLINE_MAX {
-            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        let cmdline_len = self.full_cmdline().len();
+        if cmdline_len > CMDLINE_MAX {
+            return Err(ConfigError::CmdlineTooLong(cmdline_len));
         }
         match &self.kernel {
             KernelImage::File(path) => {
@@ -110,6 +228,35 @@ impl VmConfig {
                 if !looks_like_kernel(&mut std::io::Cursor::new(&b[..])) {
                     return Err(ConfigError::NotAKernel(self.kernel.describe()));
                 }
+            }
+        }
+        let devices = self.disks.len() + self.nets.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        for d in &self.disks {
+            let meta = std::fs::metadata(&d.path)
+                .map_err(|e| ConfigError::Disk(d.path.clone(), e.to_string()))?;
+            if !meta.is_file() {
+                return Err(ConfigError::Disk(
+                    d.path.clone(),
+                    "not a regular file".into(),
+                ));
+            }
+            if d.serial.len() > devices::virtio::block::ID_LEN {
+                return Err(ConfigError::Disk(
+                    d.path.clone(),
+                    format!("serial {:?} is longer than 20 bytes", d.serial),
+                ));
+            }
+        }
+        for n in &self.nets {
+            let valid = !n.tap.is_empty() && n.tap.len() <= 15 && !n.tap.contains(['/', ' ']);
+            if !valid {
+                return Err(ConfigError::Net(
+                    n.tap.clone(),
+                    "a TAP name has 1-15 characters, no '/' or spaces".into(),
+                ));
             }
         }
         if let Some(path) = &self.initrd {

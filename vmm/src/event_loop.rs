@@ -1,6 +1,6 @@
 //! The VM's event-loop thread (`event-manager`): device work that must not run on vCPU threads.
-//! Today it feeds the owner's console input to the serial port, only as fast as the guest
-//! drains the UART's FIFO.
+//! It runs the virtio devices' queues and TAP I/O, and feeds the owner's console input to the
+//! serial port only as fast as the guest drains the UART's FIFO.
 
 use std::fs::File;
 use std::io::Read;
@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use devices::bus::lock;
 use devices::serial::Serial;
+use devices::virtio::VirtioEvents;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,7 +24,10 @@ pub(crate) struct EventLoop {
 
 impl EventLoop {
     /// Starts the loop with `console` as its console input, if any.
-    pub fn start(console: Option<ConsoleInput>) -> std::io::Result<Self> {
+    pub fn start(
+        console: Option<ConsoleInput>,
+        virtio: Vec<VirtioEvents>,
+    ) -> std::io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stopper = Stopper {
             evt: stop.try_clone()?,
@@ -35,6 +39,9 @@ impl EventLoop {
         em.add_subscriber(Box::new(stopper));
         if let Some(c) = console {
             em.add_subscriber(Box::new(c));
+        }
+        for v in virtio {
+            em.add_subscriber(Box::new(v));
         }
         let thread = std::thread::Builder::new()
             .name("kiln-events".into())

@@ -8,6 +8,8 @@ mod machine;
 mod vcpu;
 pub mod vm;
 
-pub use config::{parse_size, ConfigError, KernelImage, VmConfig};
+pub use config::{
+    parse_mac, parse_size, random_mac, ConfigError, DiskConfig, KernelImage, NetConfig, VmConfig,
+};
 pub use host::Host;
 pub use vm::{Console, Exit, Vm, VmError, VmHandle};

@@ -12,13 +12,19 @@ use boot::kernel::{BootEntry, LoadedKernel};
 use boot::layout;
 use boot::params::BootInfo;
 use devices::acpi_pm::{AcpiPm, ResetRegister};
+use devices::bus::lock;
 use devices::cmos::{Cmos, Nvram};
 use devices::i8042::I8042;
 use devices::legacy;
 use devices::serial::Serial;
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use devices::virtio::net::Net;
+use devices::virtio::tap::Tap;
+use devices::virtio::{SharedVirtioDevice, VirtioEvents, VirtioInterrupt};
 use devices::{Bus, RequestSink};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -81,6 +87,7 @@ impl Machine {
                 let kernel = load_guest(&mem, config)?;
                 let requests: RequestSink = control.clone();
                 let (pio, serial, room) = legacy_devices(&vm, persistent, requests)?;
+                let (mmio, virtio) = virtio_devices(&vm, &mem, config)?;
                 let vcpu_fds = (0..config.vcpus)
                     .map(|id| {
                         let entry = (id == 0).then_some(kernel.entry);
@@ -88,7 +95,7 @@ impl Machine {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 tracing::debug!("guest loaded, devices and vCPUs configured");
-                Ok::<_, VmError>((pio, serial, room, vcpu_fds))
+                Ok::<_, VmError>((pio, mmio, virtio, serial, room, vcpu_fds))
             })();
             let slots = slots
                 .join()
@@ -96,11 +103,8 @@ impl Machine {
             (prepared, slots)
         });
         slots?;
-        let (pio, serial, room, vcpu_fds) = prepared?;
-        let buses = Arc::new(Buses {
-            pio,
-            mmio: Bus::new(),
-        });
+        let (pio, mmio, virtio, serial, room, vcpu_fds) = prepared?;
+        let buses = Arc::new(Buses { pio, mmio });
 
         let console = match &persistent.input {
             Some(f) => Some(ConsoleInput {
@@ -114,8 +118,8 @@ impl Machine {
             }),
             None => None,
         };
-        let events =
-            EventLoop::start(console).map_err(|e| VmError::Build(format!("event loop: {e}")))?;
+        let events = EventLoop::start(console, virtio)
+            .map_err(|e| VmError::Build(format!("event loop: {e}")))?;
 
         let mut machine = Machine {
             vcpus: Vec::new(),
@@ -247,8 +251,8 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedKernel, 
         }
         None => None,
     };
-    let cmdline_len = boot::params::write_cmdline(mem, &config.cmdline)?;
-    let tables = boot::acpi::write_tables(mem, &acpi_config(config.vcpus))?;
+    let cmdline_len = boot::params::write_cmdline(mem, &config.full_cmdline())?;
+    let tables = boot::acpi::write_tables(mem, &acpi_config(config))?;
     boot::mptable::write(mem, config.vcpus)?;
     boot::cpu::write_boot_tables(mem)?;
     let info = BootInfo {
@@ -264,10 +268,11 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<LoadedKernel, 
     Ok(kernel)
 }
 
-/// The platform the ACPI tables describe: the legacy devices of [`legacy_devices`].
-fn acpi_config(vcpus: u8) -> AcpiConfig {
+/// The platform the ACPI tables describe: the devices of [`legacy_devices`] and
+/// [`virtio_devices`].
+fn acpi_config(config: &VmConfig) -> AcpiConfig {
     AcpiConfig {
-        vcpus,
+        vcpus: config.vcpus,
         pm1a_evt_port: legacy::PM1A_EVT,
         pm1a_cnt_port: legacy::PM1A_CNT,
         reset_port: legacy::RESET.0,
@@ -275,8 +280,71 @@ fn acpi_config(vcpus: u8) -> AcpiConfig {
         sci_irq: legacy::SCI_IRQ,
         serial_ports: vec![legacy::COM1],
         rtc: Some(legacy::CMOS),
-        virtio_mmio: Vec::new(),
+        virtio_mmio: config
+            .virtio_slots()
+            .iter()
+            .map(|s| (s.base, s.len, s.gsi))
+            .collect(),
     }
+}
+
+type VirtioDevices = (Bus, Vec<VirtioEvents>);
+
+/// The disks and NICs: each a virtio-mmio transport on the MMIO bus, an irqfd, one ioeventfd
+/// per queue, and a subscriber for the event loop.
+fn virtio_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+) -> Result<VirtioDevices, VmError> {
+    let mut devs: Vec<SharedVirtioDevice> = Vec::new();
+    for d in &config.disks {
+        let dir = d.path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+        let opts = images::OpenOptions {
+            allowed_dirs: vec![dir],
+            ..Default::default()
+        };
+        let disk = images::open_disk(&d.path, d.read_only, &opts)
+            .map_err(|e| VmError::Build(format!("disk {}: {e}", d.path.display())))?;
+        devs.push(Arc::new(Mutex::new(Block::new(
+            disk,
+            d.read_only,
+            &d.serial,
+        ))));
+    }
+    for n in &config.nets {
+        let tap = Tap::open(&n.tap).map_err(|e| VmError::Build(format!("TAP {}: {e}", n.tap)))?;
+        devs.push(Arc::new(Mutex::new(Net::new(tap, n.mac))));
+    }
+    let io = |e: std::io::Error| VmError::Build(format!("virtio set-up: {e}"));
+    let mut bus = Bus::new();
+    let mut subscribers = Vec::new();
+    for (dev, slot) in devs.into_iter().zip(config.virtio_slots()) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
+        vm.register_irqfd(&irq, slot.gsi)
+            .map_err(build_err("irqfd"))?;
+        let queues = lock(&dev).queue_max_sizes().len();
+        let mut evts = Vec::new();
+        for q in 0..queues {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
+            let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY);
+            vm.register_ioevent(&evt, &addr, q as u32)
+                .map_err(build_err("ioeventfd"))?;
+            evts.push(evt);
+        }
+        let clones = evts
+            .iter()
+            .map(|e| e.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io)?;
+        let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(irq)));
+        let transport = MmioTransport::new(dev.clone(), mem.clone(), interrupt, clones)
+            .map_err(VmError::Build)?;
+        bus.insert(slot.base, slot.len, Arc::new(Mutex::new(transport)))
+            .map_err(|e| VmError::Build(e.to_string()))?;
+        subscribers.push(VirtioEvents::new(dev, evts));
+    }
+    Ok((bus, subscribers))
 }
 
 type LegacyDevices = (Bus, Arc<Mutex<Serial>>, EventFd);

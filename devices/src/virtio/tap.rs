@@ -1,0 +1,153 @@
+//! TAP devices: `/dev/net/tun` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// Offload flags for [`Tap::set_offload`].
+pub mod offload {
+    /// The guest accepts frames with partial checksums.
+    pub const CSUM: u32 = 0x01;
+    /// The guest accepts TCPv4 segmentation offload frames.
+    pub const TSO4: u32 = 0x02;
+    /// The guest accepts TCPv6 segmentation offload frames.
+    pub const TSO6: u32 = 0x04;
+    /// ... with ECN.
+    pub const TSO_ECN: u32 = 0x08;
+}
+
+/// Length of the virtio-net header on the TAP (virtio 1.x, with `num_buffers`).
+pub const VNET_HDR_LEN: usize = 12;
+
+/// An open TAP device, non-blocking.
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl Tap {
+    /// Opens the TAP named `name`, creating it if missing, with a 12-byte vnet header.
+    pub fn open(name: &str) -> io::Result<Tap> {
+        if name.is_empty() || name.len() > 15 || name.contains(['/', '\0', ' ']) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid TAP name {name:?}: 1-15 characters, no '/' or spaces"),
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes an ifreq we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads an int we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let tap = Tap {
+            file,
+            name: name.to_string(),
+        };
+        tap.bring_up()?;
+        Ok(tap)
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Tells the kernel which offloads the guest accepts (`offload::*`).
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Sets IFF_UP (a TAP Kiln created starts down).
+    fn bring_up(&self) -> io::Result<()> {
+        // SAFETY: a datagram socket used only for interface ioctls, closed below.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS on an ifreq we own.
+        let r = unsafe {
+            if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
+                -1
+            } else if req.flags & libc::IFF_UP as libc::c_short != 0 {
+                0
+            } else {
+                req.flags |= libc::IFF_UP as libc::c_short;
+                libc::ioctl(sock, libc::SIOCSIFFLAGS, &req)
+            }
+        };
+        let err = io::Error::last_os_error();
+        // SAFETY: closing the socket opened above.
+        unsafe { libc::close(sock) };
+        if r < 0 {
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Reads one frame (with its vnet header); `WouldBlock` when none is queued.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: reading into a buffer we own.
+        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Writes one frame (with its vnet header).
+    pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: writing from a buffer we own.
+        let n = unsafe { libc::write(self.file.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
