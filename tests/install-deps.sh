@@ -16,6 +16,9 @@ declare -A NEED=(
   [qemu-system-x86_64]=qemu-system-x86
   [qemu-img]=qemu-utils
   [hyperfine]=hyperfine
+  [ip]=iproute2
+  [ping]=iputils-ping
+  [/usr/bin/time]=time
 )
 export PATH="$PATH:/usr/sbin:/sbin"
 missing=()

@@ -254,7 +254,7 @@ mod tests {
             sci_irq: 9,
             serial_ports: vec![(0x3f8, 4)],
             rtc: Some((0x70, 8)),
-            virtio_mmio: vec![(0xd000_0000, 0x1000, 5)],
+            virtio_mmio: vec![(0xd000_0000, 0x1000, 16), (0xd000_1000, 0x1000, 17)],
         }
     }
 

@@ -22,12 +22,13 @@ CFLAGS="-m64 -ffreestanding -fno-pic -fno-pie -mgeneral-regs-only -mno-red-zone 
 LDFLAGS="-nostdlib -static -z noexecstack -z noseparate-code -z max-page-size=0x1000 \
 --build-id=none --no-warn-rwx-segments -T $src/probe.ld"
 
-for f in entry.S probe.c pvhnote.S; do
+for f in entry.S probe.c virtio.c blk.c net.c pvhnote.S; do
 	# shellcheck disable=SC2086
 	$CC $CFLAGS -c "$src/$f" -o "$obj/${f%.*}.o"
 done
 
+objs="$obj/entry.o $obj/probe.o $obj/virtio.o $obj/blk.o $obj/net.o"
 # shellcheck disable=SC2086
-$LD $LDFLAGS -o "$out/probe.elf" "$obj/entry.o" "$obj/probe.o" "$obj/pvhnote.o"
+$LD $LDFLAGS -o "$out/probe.elf" $objs "$obj/pvhnote.o"
 # shellcheck disable=SC2086
-$LD $LDFLAGS -o "$out/probe-linux64.elf" "$obj/entry.o" "$obj/probe.o"
+$LD $LDFLAGS -o "$out/probe-linux64.elf" $objs

@@ -7,87 +7,10 @@
  * executes roughly a million instructions per second and lacks some instructions.
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
-typedef u16 u16u __attribute__((aligned(1), may_alias));
-typedef u32 u32u __attribute__((aligned(1), may_alias));
-typedef u64 u64u __attribute__((aligned(1), may_alias));
-
-#define KIND_PVH 1
-#define KIND_LINUX64 2
-
-#define FOUR_GIB 0x100000000UL
-#define TRAMP_ADDR 0x8000UL
-#define CMOS_BOOT_INDEX 0x38
-#define COM1 0x3f8
-
-extern void halt_forever(void) __attribute__((noreturn));
-extern const u8 tramp_start[], tramp_end[];
-
-void probe_main(u32 kind, u64 info);
-void ap_main(void);
-void *memcpy(void *d, const void *s, u64 n);
-void *memset(void *d, int c, u64 n);
-
-/* ------------------------------------------------------------------------------------ */
-/* Low-level helpers                                                                    */
-
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port)
-{
-	u8 v;
-	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-	return v;
-}
-static inline u16 inw(u16 port)
-{
-	u16 v;
-	__asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
-	return v;
-}
-static inline void pause(void) { __asm__ volatile("pause" ::: "memory"); }
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((u64)hi << 32) | lo;
-}
-static inline u64 rdmsr(u32 msr)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-	return ((u64)hi << 32) | lo;
-}
-static inline void wrmsr(u32 msr, u64 v)
-{
-	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
-}
-static inline void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
-{
-	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "0"(leaf), "2"(0));
-}
-
-/* A physical address as a pointer the compiler cannot reason about (the low 4 GiB are
- * identity mapped; address 0 and the first page are legitimate). */
-static inline u64 P(u64 a)
-{
-	__asm__("" : "+r"(a));
-	return a;
-}
-static inline u8 r8(u64 a) { return *(const volatile u8 *)P(a); }
-static inline u16 r16(u64 a) { return *(const volatile u16u *)P(a); }
-static inline u32 r32(u64 a) { return *(const volatile u32u *)P(a); }
-static inline u64 r64(u64 a) { return *(const volatile u64u *)P(a); }
-static inline void w8(u64 a, u8 v) { *(volatile u8 *)P(a) = v; }
-static inline void w16(u64 a, u16 v) { *(volatile u16u *)P(a) = v; }
-static inline void w32(u64 a, u32 v) { *(volatile u32u *)P(a) = v; }
+#include "probe.h"
 
 /* [a, a+len) lies in the identity-mapped low 4 GiB. */
-static int reachable(u64 a, u64 len) { return a < FOUR_GIB && len <= FOUR_GIB - a; }
+int reachable(u64 a, u64 len) { return a < FOUR_GIB && len <= FOUR_GIB - a; }
 
 void *memcpy(void *d, const void *s, u64 n)
 {
@@ -133,40 +56,40 @@ static void wait_until(volatile u32 *flag, u32 want, u64 ticks, u64 max_iter)
 
 static volatile u32 print_lock;
 
-static void ser_putc(char c)
+void ser_putc(char c)
 {
 	for (u32 i = 0; i < 100000 && !(inb(COM1 + 5) & 0x20); i++)
 		pause();
 	outb(COM1, (u8)c);
 }
 
-static void line_begin(void)
+void line_begin(void)
 {
 	while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE))
 		while (print_lock)
 			pause();
 }
 
-static void line_end(void)
+void line_end(void)
 {
 	ser_putc('\r');
 	ser_putc('\n');
 	__atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE);
 }
 
-static void ps(const char *s)
+void ps(const char *s)
 {
 	while (*s)
 		ser_putc(*s++);
 }
 
-static void pn(const char *s, u32 n)
+void pn(const char *s, u32 n)
 {
 	for (u32 i = 0; i < n; i++)
 		ser_putc(s[i]);
 }
 
-static void phex_w(u64 v, int min_digits)
+void phex_w(u64 v, int min_digits)
 {
 	char buf[16];
 	int n = 0;
@@ -178,9 +101,9 @@ static void phex_w(u64 v, int min_digits)
 	while (n)
 		ser_putc(buf[--n]);
 }
-static void phex(u64 v) { phex_w(v, 1); }
+void phex(u64 v) { phex_w(v, 1); }
 
-static void pdec(u64 v)
+void pdec(u64 v)
 {
 	char buf[20];
 	int n = 0;
@@ -199,7 +122,7 @@ static void psig(const char *sig)
 		ser_putc(sig[i] >= 0x20 && sig[i] < 0x7f ? sig[i] : '?');
 }
 
-static void say(const char *a) { line_begin(); ps(a); line_end(); }
+void say(const char *a) { line_begin(); ps(a); line_end(); }
 
 /* ------------------------------------------------------------------------------------ */
 /* Boot information, copied at start-up (low memory may be reused later, e.g. 0x8000).  */
@@ -216,9 +139,8 @@ static u32 entry_kind;
 static u32 boot_nr;
 /* Large buffers are filled before use: .noinit keeps them out of the .bss clear, which
  * costs ~1 ms per KiB where the guest is emulated instruction by instruction. */
-#define NOINIT __attribute__((section(".noinit")))
-static char cmdline[CMDLINE_MAX + 1] NOINIT;
-static u32 cmdline_len;
+char cmdline[CMDLINE_MAX + 1] NOINIT;
+u32 cmdline_len;
 static struct e820e e820[E820_MAX] NOINIT;
 static u32 e820_n;
 static u64 initrd_addr, initrd_size;
@@ -963,6 +885,28 @@ static const struct command {
 	{ "wait-powerbutton", cmd_wait_powerbutton },
 	{ "echo", cmd_echo },
 	{ "hlt", cmd_hlt },
+	{ "virtio", cmd_virtio },
+};
+
+/* Commands written "name:ARGS" (virtio.c, blk.c, net.c). */
+static const struct arg_command {
+	const char *name;
+	void (*run)(const char *args, u32 len);
+} arg_commands[] = {
+	{ "blk-info", cmd_blk_info },
+	{ "blk-write", cmd_blk_write },
+	{ "blk-verify", cmd_blk_verify },
+	{ "blk-flush", cmd_blk_flush },
+	{ "blk-id", cmd_blk_id },
+	{ "blk-discard", cmd_blk_discard },
+	{ "blk-zeroes", cmd_blk_zeroes },
+	{ "blk-bad", cmd_blk_bad },
+	{ "blk-bench", cmd_blk_bench },
+	{ "net-info", cmd_net_info },
+	{ "net-ip", cmd_net_ip },
+	{ "net-serve", cmd_net_serve },
+	{ "net-send", cmd_net_send },
+	{ "net-blast", cmd_net_blast },
 };
 
 static void run_word(const char *w, u32 len)
@@ -983,6 +927,17 @@ static void run_word(const char *w, u32 len)
 		if (eq(w, len, commands[k].name)) {
 			commands[k].run();
 			return;
+		}
+	}
+	u32 c = 0;
+	while (c < len && w[c] != ':')
+		c++;
+	if (c < len) {
+		for (u32 k = 0; k < sizeof(arg_commands) / sizeof(arg_commands[0]); k++) {
+			if (eq(w, c, arg_commands[k].name)) {
+				arg_commands[k].run(w + c + 1, len - c - 1);
+				return;
+			}
 		}
 	}
 	line_begin();

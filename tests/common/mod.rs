@@ -145,9 +145,21 @@ pub fn distro_guest(kernel_only: bool) -> PathBuf {
 /// Runs `kiln` and reads its stdout until every string of `want` has appeared in it (or
 /// `limit` passes), then kills it. Returns the output so far.
 pub fn run_until(args: &[&str], want: &[&str], limit: Duration) -> Run {
+    run_until_then(kiln(), args, want, limit, || {})
+}
+
+/// [`run_until`] with a command of the caller's (e.g. inside a network namespace), calling
+/// `seen` once every wanted string appeared, while kiln still runs.
+pub fn run_until_then(
+    mut cmd: Command,
+    args: &[&str],
+    want: &[&str],
+    limit: Duration,
+    seen: impl FnOnce(),
+) -> Run {
     use std::io::BufRead;
     use std::sync::mpsc;
-    let mut child = kiln()
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -156,6 +168,7 @@ pub fn run_until(args: &[&str], want: &[&str], limit: Duration) -> Run {
         .expect("spawn kiln");
     let out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
+    let mut seen = Some(seen);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(out).split(b'\n') {
@@ -183,6 +196,9 @@ pub fn run_until(args: &[&str], want: &[&str], limit: Duration) -> Run {
                 stdout.push('\n');
                 if want.iter().all(|w| stdout.contains(w)) {
                     timed_out = false;
+                    if let Some(f) = seen.take() {
+                        f();
+                    }
                     break;
                 }
             }
@@ -201,4 +217,22 @@ pub fn run_until(args: &[&str], want: &[&str], limit: Duration) -> Run {
         stderr: String::from_utf8_lossy(&e.join().unwrap()).into_owned(),
         timed_out,
     }
+}
+
+/// The probe's disk pattern: the byte at disk offset `o` for seed `s`.
+pub fn pattern(seed: u8, o: u64) -> u8 {
+    seed.wrapping_add((o.wrapping_mul(7)).wrapping_add(o >> 9) as u8)
+}
+
+/// `len` bytes of the pattern from disk offset `start`.
+pub fn pattern_bytes(seed: u8, start: u64, len: usize) -> Vec<u8> {
+    (start..start + len as u64)
+        .map(|o| pattern(seed, o))
+        .collect()
+}
+
+/// Boots the probe with `cmds` and extra arguments, until it powers off.
+pub fn probe_args(cmds: &str, extra: &[String]) -> Run {
+    let extra: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
+    probe(cmds, &extra)
 }

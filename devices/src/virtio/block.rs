@@ -93,8 +93,13 @@ pub struct Block {
 
 /// How a request ended.
 enum Outcome {
-    /// A status byte was written; `len` bytes in all went to the guest.
-    Done { len: u32, status: u8 },
+    /// A status byte was written; `len` bytes in all went to the guest; `why` says what was
+    /// wrong with a failed request.
+    Done {
+        len: u32,
+        status: u8,
+        why: &'static str,
+    },
     /// The request was too broken to answer; completed with no data.
     Dropped(&'static str),
 }
@@ -163,21 +168,17 @@ impl Block {
                 &mut self.buf,
                 &mut self.stats,
             );
-            let len = match outcome {
-                Outcome::Done { len, status } => {
-                    if status != S_OK {
-                        self.stats.errors += 1;
-                    }
-                    len
-                }
-                Outcome::Dropped(why) => {
-                    self.stats.errors += 1;
-                    if self.stats.errors <= 32 {
-                        tracing::warn!("virtio-blk: malformed request dropped: {why}");
-                    }
-                    0
-                }
+            let (len, failure) = match outcome {
+                Outcome::Done { len, status, why } => (len, (status != S_OK).then_some(why)),
+                Outcome::Dropped(why) => (0, Some(why)),
             };
+            if let Some(why) = failure {
+                self.stats.errors += 1;
+                // Rate-limited: a hostile guest must not flood the host's log.
+                if self.stats.errors <= 32 {
+                    tracing::warn!(request = head, "virtio-blk request failed: {why}");
+                }
+            }
             self.stats.requests += 1;
             if let Err(e) = active.queue.add_used(&active.mem, head, len) {
                 active
@@ -218,15 +219,16 @@ fn execute(
     let Ok(mut status_out) = data_out.split_at(writable - 1) else {
         return Outcome::Dropped("cannot locate the status byte");
     };
-    let mut finish = |status: u8, data_len: usize| {
+    let mut finish = |status: u8, data_len: usize, why: &'static str| {
         let _ = status_out.write_all(&[status]);
         Outcome::Done {
             len: (data_len + 1) as u32,
             status,
+            why,
         }
     };
     let Ok(hdr) = reader.read_obj::<RequestHeader>() else {
-        return finish(S_IOERR, 0);
+        return finish(S_IOERR, 0, "no 16-byte request header");
     };
     let data_in = reader.available_bytes();
     let data_out_len = data_out.available_bytes();
@@ -235,56 +237,56 @@ fn execute(
     let range = |len: usize| -> Option<u64> {
         let offset = hdr.sector.checked_mul(SECTOR)?;
         let end = offset.checked_add(len as u64)?;
-        (len > 0 && len <= MAX_REQUEST && len as u64 % SECTOR == 0 && end <= capacity)
+        (len > 0 && len <= MAX_REQUEST && (len as u64).is_multiple_of(SECTOR) && end <= capacity)
             .then_some(offset)
     };
     match hdr.kind {
         T_IN => {
             let Some(offset) = range(data_out_len).filter(|_| data_in == 0) else {
-                return finish(S_IOERR, 0);
+                return finish(S_IOERR, 0, "read: bad buffer direction, size or range");
             };
             buf.resize(data_out_len, 0);
             if disk.read_at(buf, offset).is_err() || data_out.write_all(buf).is_err() {
-                return finish(S_IOERR, 0);
+                return finish(S_IOERR, 0, "read: I/O error");
             }
             stats.read_bytes += data_out_len as u64;
-            finish(S_OK, data_out_len)
+            finish(S_OK, data_out_len, "")
         }
         T_OUT => {
             let Some(offset) = range(data_in).filter(|_| data_out_len == 0) else {
-                return finish(S_IOERR, 0);
+                return finish(S_IOERR, 0, "write: bad buffer direction, size or range");
             };
             if read_only {
-                return finish(S_IOERR, 0);
+                return finish(S_IOERR, 0, "write to a read-only disk");
             }
             buf.resize(data_in, 0);
             if reader.read_exact(buf).is_err() || disk.write_at(buf, offset).is_err() {
-                return finish(S_IOERR, 0);
+                return finish(S_IOERR, 0, "write: I/O error");
             }
             stats.write_bytes += data_in as u64;
-            finish(S_OK, 0)
+            finish(S_OK, 0, "")
         }
         T_FLUSH => {
             let ok = read_only || disk.flush().is_ok();
-            finish(if ok { S_OK } else { S_IOERR }, 0)
+            finish(if ok { S_OK } else { S_IOERR }, 0, "flush: I/O error")
         }
         T_GET_ID => {
             let n = data_out_len.min(ID_LEN);
             if n == 0 || data_out.write_all(&id[..n]).is_err() {
-                return finish(S_IOERR, 0);
+                return finish(S_IOERR, 0, "get-id: no writable buffer");
             }
-            finish(S_OK, n)
+            finish(S_OK, n, "")
         }
         T_DISCARD | T_WRITE_ZEROES => {
             if read_only {
-                return finish(S_IOERR, 0);
+                return finish(S_IOERR, 0, "discard on a read-only disk");
             }
             // One segment, as the config space says (max_*_seg = 1).
-            if data_in != std::mem::size_of::<Segment>() {
-                return finish(S_IOERR, 0);
-            }
-            let Ok(seg) = reader.read_obj::<Segment>() else {
-                return finish(S_IOERR, 0);
+            let Some(seg) = (data_in == std::mem::size_of::<Segment>())
+                .then(|| reader.read_obj::<Segment>().ok())
+                .flatten()
+            else {
+                return finish(S_IOERR, 0, "discard: not exactly one segment");
             };
             let len = u64::from(seg.num_sectors) * SECTOR;
             let in_range = seg
@@ -293,16 +295,20 @@ fn execute(
                 .and_then(|o| o.checked_add(len).map(|end| (o, end)))
                 .filter(|&(_, end)| end <= capacity && len <= MAX_REQUEST as u64);
             let Some((offset, _)) = in_range else {
-                return finish(S_IOERR, 0);
+                return finish(S_IOERR, 0, "discard: range outside the disk");
             };
             let r = if hdr.kind == T_DISCARD {
                 disk.discard(offset, len)
             } else {
                 disk.write_zeroes(offset, len)
             };
-            finish(if r.is_ok() { S_OK } else { S_IOERR }, 0)
+            finish(
+                if r.is_ok() { S_OK } else { S_IOERR },
+                0,
+                "discard: I/O error",
+            )
         }
-        _ => finish(S_UNSUPP, 0),
+        _ => finish(S_UNSUPP, 0, "unknown request type"),
     }
 }
 

@@ -258,7 +258,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
             lock(&self.device).read_config(offset - 0x100, data);
-        } else if data.len() == 4 && offset % 4 == 0 {
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -271,7 +271,7 @@ impl BusDevice for MmioTransport {
                 lock(&self.device).write_config(offset - 0x100, data);
                 self.config_generation = self.config_generation.wrapping_add(1);
             }
-        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_reg(offset, u32::from_le_bytes(bytes));
         }
     }

@@ -1,0 +1,295 @@
+//! Probe-guest bulk I/O: virtio-blk sequential read and write of a 1 GiB raw image with
+//! 256 KiB requests, and UDP frames over a TAP, for Kiln and QEMU microvm running the same
+//! probe guest, plus `dd` on the host for the disk. Times are taken on the host between the
+//! probe's PROBE-BENCH-START and PROBE-BENCH-END lines.
+//!
+//!     cargo bench --bench io -- [--no-qemu] [--mib N]
+//!
+//! Needs root (network namespace, TAP). Traffic stays inside a namespace it creates.
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NS: &str = "kiln-bench-io";
+const HOST_IP: &str = "10.78.0.1";
+const GUEST_IP: &str = "10.78.0.2";
+const TAP: &str = "kbtap0";
+
+fn probe_elf() -> PathBuf {
+    let build = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/build");
+    std::fs::read_dir(&build)
+        .expect("target/release/build")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("out/probe.elf"))
+        .filter(|p| p.exists())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .expect("probe.elf: cargo build --release first")
+}
+
+/// Runs a VMM command and returns the durations between each START/END pair, in order.
+fn bench_run(cmd: &[String], limit: Duration) -> Vec<(String, Duration)> {
+    let mut child = Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let out = child.stdout.take().unwrap();
+    let deadline = Instant::now() + limit;
+    let mut start = None;
+    let mut results = Vec::new();
+    for line in BufReader::new(out).lines().map_while(Result::ok) {
+        let line = line.trim_end_matches('\r').to_string();
+        if line.starts_with("PROBE-BENCH-START") {
+            start = Some(Instant::now());
+        } else if line.starts_with("PROBE-BENCH-END") {
+            if let Some(s) = start.take() {
+                results.push((line.clone(), s.elapsed()));
+            }
+        } else if line.starts_with("PROBE-FAIL") {
+            eprintln!("{}: {line}", cmd[0]);
+        }
+        if line.starts_with("PROBE-DONE")
+            || line == "PROBE-OK poweroff"
+            || Instant::now() > deadline
+        {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    results
+}
+
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e6
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn qemu_base(probe: &Path, mem: &str) -> Vec<String> {
+    s(&[
+        "qemu-system-x86_64",
+        "-M",
+        "microvm,acpi=off,rtc=on",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-m",
+        mem,
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-kernel",
+        probe.to_str().unwrap(),
+    ])
+}
+
+fn disk(mib: u64, with_qemu: bool, probe: &Path) {
+    let img = PathBuf::from("/var/tmp/kiln-bench-disk.raw");
+    // A fully written image, so that reads hit real data.
+    let st = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            &format!("of={}", img.display()),
+            "bs=1M",
+            &format!("count={mib}"),
+            "status=none",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cmds = format!("blk-bench:0:{mib}:256:r,blk-bench:0:{mib}:256:w,poweroff");
+    let kiln = vec![
+        env!("CARGO_BIN_EXE_kiln").to_string(),
+        "run".into(),
+        "--memory".into(),
+        "512MiB".into(),
+        "--disk".into(),
+        format!("path={}", img.display()),
+        "--cmdline".into(),
+        format!("console=ttyS0 probe={cmds}"),
+    ];
+    let mut subjects = vec![("kiln", kiln)];
+    if with_qemu {
+        let mut q = qemu_base(probe, "512");
+        q.extend(s(&[
+            "-drive",
+            &format!("id=d0,file={},format=raw,if=none", img.display()),
+            "-device",
+            "virtio-blk-device,drive=d0",
+            "-append",
+        ]));
+        q.push(format!("console=ttyS0 probe={cmds}"));
+        subjects.push(("qemu-microvm", q));
+    }
+    println!("virtio-blk, {mib} MiB sequential, 256 KiB requests (MB/s)");
+    println!("{:14} {:>10} {:>10}", "subject", "read", "write");
+    for (name, cmd) in subjects {
+        let r = bench_run(&cmd, Duration::from_secs(600));
+        let get = |i: usize| {
+            r.get(i)
+                .map(|(l, d)| mbps(field(l, "bytes="), *d))
+                .unwrap_or(0.0)
+        };
+        println!("{name:14} {:>10.0} {:>10.0}", get(0), get(1));
+    }
+    let dd = |args: &[&str]| {
+        let t = Instant::now();
+        let st = Command::new("dd")
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        mbps(mib << 20, t.elapsed())
+    };
+    let i = format!("if={}", img.display());
+    let o = format!("of={}", img.display());
+    let count = format!("count={}", mib * 4);
+    let r = dd(&[&i, "of=/dev/null", "bs=256K"]);
+    let w = dd(&[
+        "if=/dev/zero",
+        &o,
+        "bs=256K",
+        &count,
+        "conv=notrunc,fdatasync",
+    ]);
+    println!("{:14} {:>10.0} {:>10.0}", "dd (host)", r, w);
+    let _ = std::fs::remove_file(&img);
+}
+
+struct Netns;
+
+impl Netns {
+    fn new() -> Self {
+        let ip = |a: &[&str]| {
+            assert!(
+                Command::new("ip").args(a).status().unwrap().success(),
+                "ip {a:?}"
+            )
+        };
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        ip(&["netns", "add", NS]);
+        ip(&["-n", NS, "tuntap", "add", "dev", TAP, "mode", "tap"]);
+        ip(&[
+            "-n",
+            NS,
+            "addr",
+            "add",
+            &format!("{HOST_IP}/24"),
+            "dev",
+            TAP,
+        ]);
+        ip(&["-n", NS, "link", "set", TAP, "up"]);
+        Netns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+    }
+}
+
+fn net(with_qemu: bool, probe: &Path) {
+    let _ns = Netns::new();
+    let frames = 200_000;
+    let size = 1400;
+    let cmds = format!("net-ip:0:{GUEST_IP},net-blast:0:{HOST_IP}:9000:{frames}:{size},poweroff");
+    let mut kiln = s(&[
+        "ip",
+        "netns",
+        "exec",
+        NS,
+        env!("CARGO_BIN_EXE_kiln"),
+        "run",
+        "--net",
+    ]);
+    kiln.push(format!("tap={TAP},mac=02:00:00:00:00:02"));
+    kiln.push("--cmdline".into());
+    kiln.push(format!("console=ttyS0 probe={cmds}"));
+    let mut subjects = vec![("kiln", kiln)];
+    if with_qemu {
+        let mut q = s(&["ip", "netns", "exec", NS]);
+        q.extend(qemu_base(probe, "256"));
+        q.extend(s(&[
+            "-netdev",
+            &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"),
+            "-device",
+            "virtio-net-device,netdev=n0,mac=02:00:00:00:00:02",
+            "-append",
+        ]));
+        q.push(format!("console=ttyS0 probe={cmds}"));
+        subjects.push(("qemu-microvm", q));
+    }
+    println!("virtio-net TX over TAP, {frames} UDP datagrams of {size} bytes");
+    println!(
+        "{:14} {:>12} {:>10} {:>12}",
+        "subject", "frames/s", "MB/s", "host got"
+    );
+    for (name, cmd) in subjects {
+        // The host's receiver, inside the namespace.
+        let recv = std::thread::spawn(|| {
+            let f = std::fs::File::open(format!("/var/run/netns/{NS}")).unwrap();
+            // SAFETY: setns on this thread only.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let sock = UdpSocket::bind((HOST_IP, 9000)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut n = 0u64;
+            let mut buf = [0u8; 2048];
+            while sock.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+            n
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let r = bench_run(&cmd, Duration::from_secs(300));
+        let got = recv.join().unwrap();
+        match r.first() {
+            Some((l, d)) => {
+                let f = field(l, "frames=");
+                println!(
+                    "{name:14} {:>12.0} {:>10.1} {:>12}",
+                    f as f64 / d.as_secs_f64(),
+                    mbps(field(l, "bytes="), *d),
+                    got
+                );
+            }
+            None => println!("{name:14} (no result)"),
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let with_qemu = !args.iter().any(|a| a == "--no-qemu");
+    let mib = args
+        .iter()
+        .position(|a| a == "--mib")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024u64);
+    let probe = probe_elf();
+    disk(mib, with_qemu, &probe);
+    net(with_qemu, &probe);
+}
