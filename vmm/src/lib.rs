@@ -12,4 +12,4 @@ pub use config::{
     parse_mac, parse_size, random_mac, ConfigError, DiskConfig, KernelImage, NetConfig, VmConfig,
 };
 pub use host::Host;
-pub use vm::{Console, Exit, Vm, VmError, VmHandle};
+pub use vm::{Console, Exit, HandleError, Vm, VmError, VmHandle};

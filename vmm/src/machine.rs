@@ -86,7 +86,8 @@ impl Machine {
             let prepared = (|| {
                 let kernel = load_guest(&mem, config)?;
                 let requests: RequestSink = control.clone();
-                let (pio, serial, room) = legacy_devices(&vm, persistent, requests)?;
+                let (pio, serial, room, pm) = legacy_devices(&vm, persistent, requests)?;
+                *lock(&control.power_button) = Some(pm);
                 let (mmio, virtio) = virtio_devices(&vm, &mem, config)?;
                 let vcpu_fds = (0..config.vcpus)
                     .map(|id| {
@@ -347,7 +348,7 @@ fn virtio_devices(
     Ok((bus, subscribers))
 }
 
-type LegacyDevices = (Bus, Arc<Mutex<Serial>>, EventFd);
+type LegacyDevices = (Bus, Arc<Mutex<Serial>>, EventFd, Arc<Mutex<AcpiPm>>);
 
 /// COM1, the i8042, the CMOS RTC and the ACPI registers on the port bus, with irqfds.
 fn legacy_devices(
@@ -384,13 +385,13 @@ fn legacy_devices(
         Arc::new(Mutex::new(Cmos::new(persistent.nvram.clone()))),
     )
     .map_err(overlap)?;
-    let pm = AcpiPm::new(S5_SLEEP_TYPE, irqfd(legacy::SCI_IRQ)?, requests.clone());
-    pio.insert(
-        legacy::PM1A_EVT.into(),
-        AcpiPm::LEN,
-        Arc::new(Mutex::new(pm)),
-    )
-    .map_err(overlap)?;
+    let pm = Arc::new(Mutex::new(AcpiPm::new(
+        S5_SLEEP_TYPE,
+        irqfd(legacy::SCI_IRQ)?,
+        requests.clone(),
+    )));
+    pio.insert(legacy::PM1A_EVT.into(), AcpiPm::LEN, pm.clone())
+        .map_err(overlap)?;
     debug_assert_eq!(
         u64::from(legacy::PM1A_EVT) + AcpiPm::CONTROL_OFFSET,
         u64::from(legacy::PM1A_CNT)
@@ -401,7 +402,7 @@ fn legacy_devices(
         Arc::new(Mutex::new(ResetRegister::new(requests))),
     )
     .map_err(overlap)?;
-    Ok((pio, serial, room))
+    Ok((pio, serial, room, pm))
 }
 
 /// Creates vCPU `id` with CPUID, MSRs, FPU and LAPIC set; the boot vCPU also gets its entry

@@ -17,7 +17,12 @@ pub(crate) struct Buses {
 /// Runs `vcpu` until the boot ends: the guest powers off or resets, the VM is stopped, or
 /// something fails (reported to `control` with the vCPU state).
 pub(crate) fn run(mut vcpu: VcpuFd, id: u8, buses: Arc<Buses>, control: Arc<BootControl>) {
+    control.register_vcpu_thread();
     while !control.is_ending() {
+        control.gate.park_while_paused(&control);
+        if control.is_ending() {
+            break;
+        }
         let failure = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 dispatch_io(&buses.pio, port, data.len(), |bus, p, range| {

@@ -4,7 +4,9 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
+use devices::acpi_pm::AcpiPm;
 use devices::bus::lock;
 use devices::{GuestRequest, GuestRequests};
 
@@ -71,19 +73,76 @@ pub(crate) enum Outcome {
     Failed(String),
 }
 
+/// Where vCPU threads park, between two `KVM_RUN`s, while the VM is paused.
+#[derive(Default)]
+pub(crate) struct PauseGate {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    paused: bool,
+    parked: usize,
+}
+
+impl PauseGate {
+    /// Called by a vCPU thread before each `KVM_RUN`: blocks while the VM is paused and the
+    /// boot is not ending.
+    pub fn park_while_paused(&self, control: &BootControl) {
+        let mut s = lock(&self.state);
+        if !s.paused {
+            return;
+        }
+        s.parked += 1;
+        self.changed.notify_all();
+        while s.paused && !control.is_ending() {
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        s.parked -= 1;
+    }
+}
+
 /// Where the threads of one boot report how it ends; the first report wins.
 pub(crate) struct BootControl {
     outcome: Mutex<Option<Outcome>>,
     changed: Condvar,
     ending: AtomicBool,
+    /// The VM's pause gate (shared by all its boots).
+    pub gate: Arc<PauseGate>,
+    /// The vCPU threads, for kicking them out of `KVM_RUN`.
+    threads: Mutex<Vec<libc::pthread_t>>,
+    /// The ACPI registers, for pressing the power button.
+    pub power_button: Mutex<Option<Arc<Mutex<AcpiPm>>>>,
 }
 
 impl BootControl {
-    fn new() -> Self {
+    fn new(gate: Arc<PauseGate>) -> Self {
         Self {
             outcome: Mutex::new(None),
             changed: Condvar::new(),
             ending: AtomicBool::new(false),
+            gate,
+            threads: Mutex::new(Vec::new()),
+            power_button: Mutex::new(None),
+        }
+    }
+
+    /// Called by each vCPU thread as it starts.
+    pub fn register_vcpu_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        lock(&self.threads).push(unsafe { libc::pthread_self() });
+    }
+
+    /// Interrupts every vCPU's `KVM_RUN` (the handler of SIGRTMIN is a no-op).
+    pub fn kick(&self) {
+        for t in lock(&self.threads).iter() {
+            // SAFETY: the threads are joined only after `end`, and kicks stop before that.
+            unsafe { libc::pthread_kill(*t, vmm_sys_util::signal::SIGRTMIN()) };
         }
     }
 
@@ -95,11 +154,13 @@ impl BootControl {
         }
         self.ending.store(true, Ordering::Release);
         self.changed.notify_all();
+        self.gate.changed.notify_all();
     }
 
-    /// Tells the vCPU threads to leave (used while tearing down).
+    /// Tells the vCPU threads to leave (used while tearing down), paused ones included.
     pub fn end(&self) {
         self.ending.store(true, Ordering::Release);
+        self.gate.changed.notify_all();
     }
 
     /// True once the boot is ending: vCPU threads leave their loop.
@@ -132,6 +193,19 @@ struct Shared {
     stop: AtomicBool,
     current: Mutex<Option<Arc<BootControl>>>,
     boots: AtomicU32,
+    gate: Arc<PauseGate>,
+    vcpus: usize,
+}
+
+/// What a [`VmHandle`] call could not do.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HandleError {
+    /// The VM is between boots or has ended.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// The vCPUs did not all stop in time.
+    #[error("the vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
 }
 
 /// Controls a running [`Vm`] from other threads.
@@ -151,6 +225,66 @@ impl VmHandle {
     pub fn boots(&self) -> u32 {
         self.0.boots.load(Ordering::Acquire)
     }
+
+    fn current(&self) -> Result<Arc<BootControl>, HandleError> {
+        lock(&self.0.current).clone().ok_or(HandleError::NotRunning)
+    }
+
+    /// Presses the ACPI power button (a graceful stop: the guest decides).
+    pub fn press_power_button(&self) -> Result<(), HandleError> {
+        let c = self.current()?;
+        let pm = lock(&c.power_button)
+            .clone()
+            .ok_or(HandleError::NotRunning)?;
+        lock(&pm).press_power_button();
+        Ok(())
+    }
+
+    /// A hard reset: the guest re-boots in place at once.
+    pub fn reset(&self) -> Result<(), HandleError> {
+        self.current()?.finish(Outcome::Reset("hard reset"));
+        Ok(())
+    }
+
+    /// Stops every vCPU between two instructions (memory and devices are kept); waits until
+    /// they have all stopped, at most `timeout`.
+    pub fn pause(&self, timeout: Duration) -> Result<(), HandleError> {
+        let gate = &self.0.gate;
+        lock(&gate.state).paused = true;
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let current = lock(&self.0.current).clone();
+            let Some(c) = current else {
+                return Ok(()); // Between boots: the next boot's vCPUs park at once.
+            };
+            c.kick();
+            let s = lock(&gate.state);
+            if s.parked >= self.0.vcpus || c.is_ending() {
+                return Ok(());
+            }
+            let (s, _) = gate
+                .changed
+                .wait_timeout(s, Duration::from_millis(2))
+                .unwrap_or_else(|e| e.into_inner());
+            if s.parked >= self.0.vcpus {
+                return Ok(());
+            }
+            if std::time::Instant::now() > end {
+                return Err(HandleError::PauseTimeout(timeout));
+            }
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        lock(&self.0.gate.state).paused = false;
+        self.0.gate.changed.notify_all();
+    }
+
+    /// True while the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        lock(&self.0.gate.state).paused
+    }
 }
 
 /// A VM: a configuration, a console and the CMOS NVRAM, booted again in place on guest reset.
@@ -165,6 +299,7 @@ impl Vm {
     /// Validates `config` against `host`; nothing runs until [`Vm::run`].
     pub fn new(host: Arc<Host>, config: VmConfig, console: Console) -> Result<Self, VmError> {
         config.validate(&host)?;
+        let vcpus = usize::from(config.vcpus);
         Ok(Self {
             host,
             config,
@@ -173,7 +308,10 @@ impl Vm {
                 input: console.input,
                 nvram: Arc::new(Mutex::new([0; 128])),
             },
-            shared: Arc::default(),
+            shared: Arc::new(Shared {
+                vcpus,
+                ..Default::default()
+            }),
         })
     }
 
@@ -187,7 +325,7 @@ impl Vm {
     /// kernel reloaded, vCPUs reset; console and NVRAM kept.
     pub fn run(&mut self) -> Result<Exit, VmError> {
         loop {
-            let control = Arc::new(BootControl::new());
+            let control = Arc::new(BootControl::new(self.shared.gate.clone()));
             *lock(&self.shared.current) = Some(control.clone());
             if self.shared.stop.load(Ordering::Acquire) {
                 return Ok(Exit::Stopped);

@@ -1,0 +1,172 @@
+//! The controls a VM owner has over a running VM (what `kiln serve` builds on): the ACPI power
+//! button, hard reset, pause and resume, console input.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::{Console, Exit, Host, KernelImage, Vm, VmConfig, VmHandle};
+
+static PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Buffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if self.text().contains(what) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+}
+
+struct Running {
+    handle: VmHandle,
+    out: Buffer,
+    thread: std::thread::JoinHandle<Result<Exit, vmm::VmError>>,
+    input: Option<std::fs::File>,
+}
+
+fn start(cmds: &str, vcpus: u8, with_input: bool) -> Running {
+    common::require_kvm();
+    let host = Arc::new(Host::open().unwrap());
+    let (input, writer) = if with_input {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two fds we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh fds from pipe().
+        unsafe {
+            (
+                Some(std::fs::File::from_raw_fd(fds[0])),
+                Some(std::fs::File::from_raw_fd(fds[1])),
+            )
+        }
+    } else {
+        (None, None)
+    };
+    let out = Buffer::default();
+    let config = VmConfig {
+        vcpus,
+        memory: 64 << 20,
+        kernel: KernelImage::Bytes(Arc::from(PROBE)),
+        initrd: None,
+        cmdline: format!("console=ttyS0 probe={cmds}"),
+        disks: Vec::new(),
+        nets: Vec::new(),
+    };
+    let mut vm = Vm::new(
+        host,
+        config,
+        Console {
+            output: Box::new(out.clone()),
+            input,
+        },
+    )
+    .unwrap();
+    let handle = vm.handle();
+    let thread = std::thread::spawn(move || vm.run());
+    Running {
+        handle,
+        out,
+        thread,
+        input: writer,
+    }
+}
+
+#[test]
+fn power_button_makes_the_guest_power_off() {
+    let r = start("wait-powerbutton", 1, false);
+    assert!(
+        r.out
+            .wait_for("PROBE-OK wait-powerbutton armed", Duration::from_secs(20)),
+        "{}",
+        r.out.text()
+    );
+    r.handle.press_power_button().unwrap();
+    assert_eq!(r.thread.join().unwrap().unwrap(), Exit::PowerOff);
+    assert!(
+        r.out.text().contains("PROBE-OK powerbutton pressed"),
+        "{}",
+        r.out.text()
+    );
+}
+
+#[test]
+fn hard_reset_reboots_in_place() {
+    let r = start("0:hlt,poweroff", 2, false);
+    assert!(
+        r.out.wait_for("PROBE-OK hlt", Duration::from_secs(20)),
+        "{}",
+        r.out.text()
+    );
+    r.handle.reset().unwrap();
+    assert_eq!(r.thread.join().unwrap().unwrap(), Exit::PowerOff);
+    let text = r.out.text();
+    assert!(text.contains("KILN-PROBE v1 boot=1 "), "{text}");
+    assert_eq!(r.handle.boots(), 2);
+}
+
+#[test]
+fn paused_guest_does_not_run_until_resumed() {
+    let mut r = start("echo,poweroff", 2, true);
+    assert!(
+        r.out
+            .wait_for("PROBE-OK echo ready", Duration::from_secs(20)),
+        "{}",
+        r.out.text()
+    );
+    r.handle.pause(Duration::from_secs(5)).unwrap();
+    assert!(r.handle.is_paused());
+    let input = r.input.as_mut().unwrap();
+    input.write_all(b"while paused\r").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !r.out.text().contains("PROBE-ECHO"),
+        "a paused guest ran: {}",
+        r.out.text()
+    );
+    r.handle.resume();
+    assert!(
+        r.out
+            .wait_for("PROBE-ECHO while paused", Duration::from_secs(10)),
+        "{}",
+        r.out.text()
+    );
+    input.write_all(b"quit\r").unwrap();
+    assert_eq!(r.thread.join().unwrap().unwrap(), Exit::PowerOff);
+}
+
+#[test]
+fn stop_ends_a_paused_vm() {
+    let r = start("hlt", 1, false);
+    assert!(
+        r.out.wait_for("PROBE-OK hlt", Duration::from_secs(20)),
+        "{}",
+        r.out.text()
+    );
+    r.handle.pause(Duration::from_secs(5)).unwrap();
+    r.handle.stop();
+    assert_eq!(r.thread.join().unwrap().unwrap(), Exit::Stopped);
+}
