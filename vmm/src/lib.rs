@@ -5,6 +5,7 @@ pub mod config;
 mod event_loop;
 pub mod host;
 mod machine;
+pub mod manager;
 mod vcpu;
 pub mod vm;
 
@@ -12,4 +13,4 @@ pub use config::{
     parse_mac, parse_size, random_mac, ConfigError, DiskConfig, KernelImage, NetConfig, VmConfig,
 };
 pub use host::Host;
-pub use vm::{Console, Exit, HandleError, Vm, VmError, VmHandle};
+pub use vm::{Console, Exit, HandleError, Vm, VmError, VmEvent, VmHandle, VmObserver};

@@ -287,12 +287,31 @@ impl VmHandle {
     }
 }
 
+/// What a VM reports to its owner while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// Boot number `boot` (1 for the first) is running.
+    Booted {
+        /// 1 for the first boot, 2 after the first reboot, …
+        boot: u32,
+    },
+    /// The guest reset (or was reset): the VM re-boots in place.
+    Rebooting {
+        /// What reset it.
+        reason: &'static str,
+    },
+}
+
+/// Receives a VM's [`VmEvent`]s, on the thread that runs the VM.
+pub type VmObserver = Arc<dyn Fn(VmEvent) + Send + Sync>;
+
 /// A VM: a configuration, a console and the CMOS NVRAM, booted again in place on guest reset.
 pub struct Vm {
     host: Arc<Host>,
     config: VmConfig,
     persistent: Persistent,
     shared: Arc<Shared>,
+    observer: Option<VmObserver>,
 }
 
 impl Vm {
@@ -312,7 +331,19 @@ impl Vm {
                 vcpus,
                 ..Default::default()
             }),
+            observer: None,
         })
+    }
+
+    /// Reports boots and reboots to `observer`.
+    pub fn set_observer(&mut self, observer: VmObserver) {
+        self.observer = Some(observer);
+    }
+
+    fn notify(&self, event: VmEvent) {
+        if let Some(o) = &self.observer {
+            o(event);
+        }
     }
 
     /// A handle to stop the VM from another thread.
@@ -330,7 +361,7 @@ impl Vm {
             if self.shared.stop.load(Ordering::Acquire) {
                 return Ok(Exit::Stopped);
             }
-            self.shared.boots.fetch_add(1, Ordering::AcqRel);
+            let boot = self.shared.boots.fetch_add(1, Ordering::AcqRel) + 1;
             let machine =
                 Machine::start(&self.host, &self.config, &self.persistent, control.clone());
             let machine = match machine {
@@ -340,6 +371,7 @@ impl Vm {
                     return Err(e);
                 }
             };
+            self.notify(VmEvent::Booted { boot });
             let outcome = control.wait();
             machine.stop();
             *lock(&self.shared.current) = None;
@@ -350,6 +382,7 @@ impl Vm {
                 Outcome::Failed(reason) => return Err(VmError::Failed(reason)),
                 Outcome::Reset(how) => {
                     tracing::info!("guest reset ({how}): rebooting in place");
+                    self.notify(VmEvent::Rebooting { reason: how });
                 }
             }
         }

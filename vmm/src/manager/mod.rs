@@ -1,0 +1,690 @@
+//! The instance manager: every instance of the host, their state machine, console history,
+//! events and operations, and their definitions in the state directory.
+
+mod console;
+mod events;
+mod model;
+mod operations;
+mod store;
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::bus::lock;
+use uuid::Uuid;
+
+pub use console::{ConsoleRing, CONSOLE_RING};
+pub use events::{Event, EventLog};
+pub use model::{
+    check_name, Action, ActionKind, BootSpec, Instance, InstanceCreate, InstanceDef, InstanceState,
+    Nic, NicSpec, Size,
+};
+pub use operations::{Operation, OperationState, Operations};
+
+use crate::config::{parse_mac, random_mac, KernelImage, NetConfig, VmConfig};
+use crate::host::Host;
+use crate::vm::{Console, Exit, Vm, VmEvent, VmHandle};
+use model::now;
+use store::Store;
+
+/// The image that is always there: the probe guest built into kiln.
+pub const PROBE_IMAGE: &str = "kiln-probe";
+
+/// Why a manager call was refused (each maps onto one API error code).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManagerError {
+    /// No such resource.
+    #[error("{0} {1} not found")]
+    NotFound(&'static str, String),
+    /// The action does not fit the current state.
+    #[error("instance {name} is {state}; {hint}")]
+    InvalidState {
+        /// Instance name.
+        name: String,
+        /// Its state.
+        state: InstanceState,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// The name is taken.
+    #[error("an instance named {0} already exists")]
+    AlreadyExists(String),
+    /// A field has a bad value.
+    #[error("{field}: {message}")]
+    InvalidValue {
+        /// The field, dotted (`boot.kernel`).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// More than the host can give.
+    #[error("{0}")]
+    InsufficientCapacity(String),
+    /// `If-Match` does not match.
+    #[error("the instance changed since you read it (ETag {0})")]
+    PreconditionFailed(String),
+    /// Something failed on the host.
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ManagerError {
+    ManagerError::InvalidValue {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+struct Runtime {
+    state: InstanceState,
+    reason: Option<String>,
+    started_at: Option<String>,
+    handle: Option<VmHandle>,
+    thread: Option<JoinHandle<()>>,
+    input: Option<File>,
+}
+
+struct Entry {
+    def: Mutex<InstanceDef>,
+    rt: Mutex<Runtime>,
+    changed: Condvar,
+    console: ConsoleRing,
+}
+
+impl Entry {
+    fn view(&self) -> Instance {
+        let def = lock(&self.def).clone();
+        let rt = lock(&self.rt);
+        Instance {
+            def,
+            state: rt.state,
+            state_reason: rt.reason.clone(),
+            started_at: rt.started_at.clone(),
+        }
+    }
+
+    fn resource(&self) -> String {
+        format!("/v1/instances/{}", lock(&self.def).id)
+    }
+
+    /// Waits while `busy(state)`, at most `timeout`.
+    fn wait_while(
+        &self,
+        timeout: Duration,
+        busy: impl Fn(InstanceState) -> bool,
+    ) -> MutexGuard<'_, Runtime> {
+        let rt = lock(&self.rt);
+        self.changed
+            .wait_timeout_while(rt, timeout, |rt| busy(rt.state))
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+}
+
+/// Every instance of the host.
+pub struct Manager {
+    host: Arc<Host>,
+    probe: Arc<[u8]>,
+    store: Store,
+    entries: Mutex<Vec<Arc<Entry>>>,
+    /// State changes and operation updates.
+    pub events: EventLog,
+    /// Long actions.
+    pub operations: Operations,
+}
+
+/// How long a start may take to reach `running`.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Manager {
+    /// Loads the definitions in `state_dir` (every instance `stopped`) and starts those with
+    /// `auto_start`. `probe` is the image `kiln-probe`.
+    pub fn open(
+        host: Arc<Host>,
+        state_dir: &Path,
+        probe: Arc<[u8]>,
+    ) -> Result<Arc<Self>, ManagerError> {
+        let store = Store::open(&state_dir.join("instances")).map_err(|e| {
+            ManagerError::Internal(format!("state directory {}: {e}", state_dir.display()))
+        })?;
+        let defs: Vec<InstanceDef> = store
+            .load_all()
+            .map_err(|e| ManagerError::Internal(format!("state directory: {e}")))?;
+        let m = Arc::new(Self {
+            host,
+            probe,
+            store,
+            entries: Mutex::new(Vec::new()),
+            events: EventLog::default(),
+            operations: Operations::default(),
+        });
+        let mut auto = Vec::new();
+        for def in defs {
+            if def.auto_start {
+                auto.push(def.id.to_string());
+            }
+            lock(&m.entries).push(Arc::new(Entry {
+                def: Mutex::new(def),
+                rt: Mutex::new(Runtime {
+                    state: InstanceState::Stopped,
+                    reason: None,
+                    started_at: None,
+                    handle: None,
+                    thread: None,
+                    input: None,
+                }),
+                changed: Condvar::new(),
+                console: ConsoleRing::default(),
+            }));
+        }
+        for id in auto {
+            if let Err(e) = m.action(
+                &id,
+                Action {
+                    action: ActionKind::Start,
+                    force: false,
+                    timeout_s: 30,
+                },
+            ) {
+                tracing::warn!("auto-start of {id}: {e}");
+            }
+        }
+        Ok(m)
+    }
+
+    /// The host this manager runs on.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    fn find(&self, key: &str) -> Result<Arc<Entry>, ManagerError> {
+        let entries = lock(&self.entries);
+        entries
+            .iter()
+            .find(|e| {
+                let d = lock(&e.def);
+                d.name == key || d.id.to_string() == key
+            })
+            .cloned()
+            .ok_or_else(|| ManagerError::NotFound("instance", key.into()))
+    }
+
+    /// Every instance, oldest first.
+    pub fn list(&self) -> Vec<Instance> {
+        lock(&self.entries).iter().map(|e| e.view()).collect()
+    }
+
+    /// One instance, by id or name.
+    pub fn get(&self, key: &str) -> Result<Instance, ManagerError> {
+        Ok(self.find(key)?.view())
+    }
+
+    /// Checks `spec` and builds the definition of a new instance.
+    fn definition(&self, spec: &InstanceCreate) -> Result<InstanceDef, ManagerError> {
+        check_name(&spec.name).map_err(|m| invalid("name", m))?;
+        if spec.vcpus == 0 {
+            return Err(invalid("vcpus", "must be at least 1"));
+        }
+        if spec.vcpus > u32::from(self.host.max_vcpus) {
+            return Err(ManagerError::InsufficientCapacity(format!(
+                "{} vCPUs requested; this host allows at most {}",
+                spec.vcpus, self.host.max_vcpus
+            )));
+        }
+        let memory = spec.memory.bytes().map_err(|m| invalid("memory", m))?;
+        if memory < boot::layout::MIN_MEMORY {
+            return Err(invalid(
+                "memory",
+                format!("at least {} MiB", boot::layout::MIN_MEMORY >> 20),
+            ));
+        }
+        if memory > self.host.memory {
+            return Err(ManagerError::InsufficientCapacity(format!(
+                "{} MiB of memory requested; the host has {} MiB",
+                memory >> 20,
+                self.host.memory >> 20
+            )));
+        }
+        self.kernel(&spec.boot.kernel)?;
+        if spec.boot.initrd.is_some() {
+            return Err(invalid(
+                "boot.initrd",
+                "no initrd images are registered yet",
+            ));
+        }
+        let mut nics = Vec::new();
+        for (i, n) in spec.network_interfaces.iter().enumerate() {
+            let field = |f: &str| format!("network_interfaces[{i}].{f}");
+            let mac = match &n.mac {
+                Some(m) => parse_mac(m).map_err(|e| invalid(&field("mac"), e))?,
+                None => random_mac(),
+            };
+            let ok = !n.host_tap.is_empty()
+                && n.host_tap.len() <= 15
+                && !n.host_tap.contains(['/', ' ']);
+            if !ok {
+                return Err(invalid(
+                    &field("host_tap"),
+                    "1-15 characters, no '/' or spaces",
+                ));
+            }
+            nics.push(Nic {
+                name: n.name.clone().unwrap_or_else(|| format!("eth{i}")),
+                host_tap: n.host_tap.clone(),
+                mac: mac
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            });
+        }
+        let t = now();
+        Ok(InstanceDef {
+            id: Uuid::new_v4(),
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            vcpus: spec.vcpus as u8,
+            memory,
+            boot: spec.boot.clone(),
+            network_interfaces: nics,
+            auto_start: spec.auto_start,
+            created_at: t.clone(),
+            updated_at: t,
+            generation: 1,
+        })
+    }
+
+    fn kernel(&self, name: &str) -> Result<KernelImage, ManagerError> {
+        if name == PROBE_IMAGE {
+            Ok(KernelImage::Bytes(self.probe.clone()))
+        } else {
+            Err(invalid(
+                "boot.kernel",
+                format!("no image named {name:?} (only {PROBE_IMAGE} is registered)"),
+            ))
+        }
+    }
+
+    /// Creates an instance (stopped); with `start` it also starts it and returns the operation.
+    pub fn create(
+        self: &Arc<Self>,
+        spec: InstanceCreate,
+    ) -> Result<(Instance, Option<Operation>), ManagerError> {
+        let def = self.definition(&spec)?;
+        {
+            let mut entries = lock(&self.entries);
+            if entries.iter().any(|e| lock(&e.def).name == def.name) {
+                return Err(ManagerError::AlreadyExists(def.name));
+            }
+            self.store
+                .save(def.id, &def)
+                .map_err(|e| ManagerError::Internal(format!("saving the definition: {e}")))?;
+            entries.push(Arc::new(Entry {
+                def: Mutex::new(def.clone()),
+                rt: Mutex::new(Runtime {
+                    state: InstanceState::Stopped,
+                    reason: None,
+                    started_at: None,
+                    handle: None,
+                    thread: None,
+                    input: None,
+                }),
+                changed: Condvar::new(),
+                console: ConsoleRing::default(),
+            }));
+        }
+        let key = def.id.to_string();
+        self.events.push(
+            "instance.state",
+            format!("/v1/instances/{key}"),
+            "stopped".into(),
+            Some("created".into()),
+        );
+        let op = if spec.start {
+            Some(self.action(
+                &key,
+                Action {
+                    action: ActionKind::Start,
+                    force: false,
+                    timeout_s: 30,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((self.get(&key)?, op))
+    }
+
+    /// Deletes a stopped or failed instance; `force` hard-stops a running one first.
+    pub fn delete(&self, key: &str, force: bool) -> Result<(), ManagerError> {
+        let e = self.find(key)?;
+        let state = lock(&e.rt).state;
+        if !matches!(state, InstanceState::Stopped | InstanceState::Failed) {
+            if !force {
+                return Err(ManagerError::InvalidState {
+                    name: lock(&e.def).name.clone(),
+                    state,
+                    hint: "stop it first, or delete with force",
+                });
+            }
+            self.hard_stop(&e);
+        }
+        let id = lock(&e.def).id;
+        self.store
+            .remove(id)
+            .map_err(|e| ManagerError::Internal(format!("removing the definition: {e}")))?;
+        lock(&self.entries).retain(|x| !Arc::ptr_eq(x, &e));
+        self.events.push(
+            "instance.state",
+            format!("/v1/instances/{id}"),
+            "deleted".into(),
+            None,
+        );
+        Ok(())
+    }
+
+    /// The console history of an instance from `from` (or the last `tail` bytes).
+    pub fn console(&self, key: &str) -> Result<ConsoleRing, ManagerError> {
+        Ok(self.find(key)?.console.clone())
+    }
+
+    /// Sends bytes to a running instance's serial port.
+    pub fn console_input(&self, key: &str, bytes: &[u8]) -> Result<(), ManagerError> {
+        use std::io::Write;
+        let e = self.find(key)?;
+        let mut rt = lock(&e.rt);
+        let state = rt.state;
+        match rt.input.as_mut() {
+            Some(f) => f
+                .write_all(bytes)
+                .map_err(|err| ManagerError::Internal(format!("console input: {err}"))),
+            None => Err(ManagerError::InvalidState {
+                name: lock(&e.def).name.clone(),
+                state,
+                hint: "start it first",
+            }),
+        }
+    }
+
+    fn set_state(&self, e: &Entry, state: InstanceState, reason: Option<String>) {
+        {
+            let mut rt = lock(&e.rt);
+            rt.state = state;
+            rt.reason = reason.clone();
+        }
+        e.changed.notify_all();
+        self.events
+            .push("instance.state", e.resource(), state.to_string(), reason);
+    }
+
+    /// Starts an action; the returned operation ends when the instance reached its target.
+    pub fn action(self: &Arc<Self>, key: &str, action: Action) -> Result<Operation, ManagerError> {
+        use ActionKind::*;
+        use InstanceState::*;
+        let e = self.find(key)?;
+        let state = lock(&e.rt).state;
+        let (fits, hint) = match action.action {
+            Start => (
+                matches!(state, Stopped | Failed),
+                "it is already running; stop it first",
+            ),
+            Stop => (
+                matches!(state, Running | Paused),
+                "only a running or paused instance can stop",
+            ),
+            Reboot | Reset => (
+                state == Running,
+                "only a running instance can reboot or reset",
+            ),
+            Pause => (state == Running, "only a running instance can pause"),
+            Resume => (state == Paused, "only a paused instance can resume"),
+        };
+        if !fits {
+            return Err(ManagerError::InvalidState {
+                name: lock(&e.def).name.clone(),
+                state,
+                hint,
+            });
+        }
+        let kind = format!(
+            "instance.{}",
+            serde_json::to_value(action.action)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        );
+        let op = self.operations.begin(&kind, e.resource());
+        // The state moves now, so that a second conflicting action is refused at once.
+        match action.action {
+            Start => self.set_state(&e, Starting, None),
+            Stop => self.set_state(&e, Stopping, None),
+            Reboot => self.set_state(&e, Rebooting, None),
+            _ => {}
+        }
+        let (m, id) = (self.clone(), op.id);
+        std::thread::spawn(move || {
+            let r = m.perform(&e, action);
+            m.operations.end(id, r.clone());
+            m.events.push(
+                "operation",
+                format!("/v1/operations/{id}"),
+                if r.is_ok() { "succeeded" } else { "failed" }.into(),
+                r.err(),
+            );
+        });
+        Ok(op)
+    }
+
+    fn perform(self: &Arc<Self>, e: &Arc<Entry>, action: Action) -> Result<(), String> {
+        use ActionKind::*;
+        let handle = lock(&e.rt).handle.clone();
+        match action.action {
+            Start => self.boot(e),
+            Stop => {
+                let h = handle.ok_or("not running")?;
+                if action.force {
+                    h.stop();
+                } else {
+                    h.resume();
+                    let _ = h.press_power_button();
+                    let stopped = e.wait_while(Duration::from_secs(action.timeout_s), |s| {
+                        s == InstanceState::Stopping
+                    });
+                    let done = stopped.state != InstanceState::Stopping;
+                    drop(stopped);
+                    if !done {
+                        tracing::info!(
+                            "graceful stop timed out after {} s: hard stop",
+                            action.timeout_s
+                        );
+                        h.stop();
+                    }
+                }
+                self.join(e);
+                Ok(())
+            }
+            Reboot if action.force => {
+                handle
+                    .ok_or("not running")?
+                    .reset()
+                    .map_err(|e| e.to_string())?;
+                self.wait_running(e)
+            }
+            Reboot => {
+                // A graceful reboot: the guest shuts down on the power button, then boots again.
+                let h = handle.ok_or("not running")?;
+                let _ = h.press_power_button();
+                let r = e.wait_while(Duration::from_secs(action.timeout_s), |s| {
+                    s == InstanceState::Rebooting
+                });
+                let guest_stopped = r.thread.as_ref().is_some_and(|t| t.is_finished());
+                drop(r);
+                if !guest_stopped {
+                    h.stop();
+                }
+                self.join(e);
+                self.set_state(e, InstanceState::Starting, Some("reboot".into()));
+                self.boot(e)
+            }
+            Reset => {
+                handle
+                    .ok_or("not running")?
+                    .reset()
+                    .map_err(|e| e.to_string())?;
+                self.wait_running(e)
+            }
+            Pause => {
+                handle
+                    .ok_or("not running")?
+                    .pause(Duration::from_secs(10))
+                    .map_err(|e| e.to_string())?;
+                self.set_state(e, InstanceState::Paused, None);
+                Ok(())
+            }
+            Resume => {
+                handle.ok_or("not running")?.resume();
+                self.set_state(e, InstanceState::Running, None);
+                Ok(())
+            }
+        }
+    }
+
+    fn wait_running(&self, e: &Entry) -> Result<(), String> {
+        let rt = e.wait_while(START_TIMEOUT, |s| {
+            matches!(s, InstanceState::Starting | InstanceState::Rebooting)
+        });
+        match rt.state {
+            InstanceState::Running => Ok(()),
+            s => Err(rt
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("instance is {s}"))),
+        }
+    }
+
+    /// Builds the VM and runs it on a thread of its own; returns once it is running.
+    fn boot(self: &Arc<Self>, e: &Arc<Entry>) -> Result<(), String> {
+        let def = lock(&e.def).clone();
+        let fail = |reason: String| {
+            self.set_state(e, InstanceState::Failed, Some(reason.clone()));
+            Err(reason)
+        };
+        let kernel = match self.kernel(&def.boot.kernel) {
+            Ok(k) => k,
+            Err(err) => return fail(err.to_string()),
+        };
+        let nets = def
+            .network_interfaces
+            .iter()
+            .map(|n| NetConfig {
+                tap: n.host_tap.clone(),
+                mac: parse_mac(&n.mac).unwrap_or_else(|_| random_mac()),
+            })
+            .collect();
+        let config = VmConfig {
+            vcpus: def.vcpus,
+            memory: def.memory,
+            kernel,
+            initrd: None,
+            cmdline: def.boot.cmdline.clone(),
+            disks: Vec::new(),
+            nets,
+        };
+        let mut fds = [0; 2];
+        // SAFETY: pipe() fills two fds that we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return fail(format!("console pipe: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fresh fds from pipe2.
+        let (input_r, input_w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let console = Console {
+            output: Box::new(e.console.clone()),
+            input: Some(input_r),
+        };
+        let mut vm = match Vm::new(self.host_arc(), config, console) {
+            Ok(vm) => vm,
+            Err(err) => return fail(err.to_string()),
+        };
+        let (m, entry) = (Arc::downgrade(self), Arc::downgrade(e));
+        vm.set_observer(Arc::new(move |ev| {
+            let (Some(m), Some(entry)) = (m.upgrade(), entry.upgrade()) else {
+                return;
+            };
+            match ev {
+                VmEvent::Booted { .. } => {
+                    lock(&entry.rt).started_at.get_or_insert_with(now);
+                    m.set_state(&entry, InstanceState::Running, None)
+                }
+                VmEvent::Rebooting { reason } => {
+                    m.set_state(&entry, InstanceState::Rebooting, Some(reason.into()))
+                }
+            }
+        }));
+        {
+            let mut rt = lock(&e.rt);
+            rt.handle = Some(vm.handle());
+            rt.input = Some(input_w);
+            rt.started_at = None;
+        }
+        let (m, entry) = (self.clone(), e.clone());
+        let name = format!("kiln-vm-{}", def.name);
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            // A panic in the VM's own thread fails this instance only.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.run()));
+            let (state, reason) = match r {
+                Ok(Ok(Exit::PowerOff)) => (
+                    InstanceState::Stopped,
+                    Some("the guest powered off".to_string()),
+                ),
+                Ok(Ok(Exit::Stopped)) => (InstanceState::Stopped, Some("stopped".to_string())),
+                Ok(Err(err)) => (InstanceState::Failed, Some(err.to_string())),
+                Err(_) => (
+                    InstanceState::Failed,
+                    Some("internal error: the VM thread panicked".to_string()),
+                ),
+            };
+            {
+                let mut rt = lock(&entry.rt);
+                rt.handle = None;
+                rt.input = None;
+            }
+            m.set_state(&entry, state, reason);
+        });
+        match thread {
+            Ok(t) => lock(&e.rt).thread = Some(t),
+            Err(err) => return fail(format!("cannot start the VM thread: {err}")),
+        }
+        self.wait_running(e)
+    }
+
+    fn host_arc(&self) -> Arc<Host> {
+        self.host.clone()
+    }
+
+    fn join(&self, e: &Entry) {
+        let t = lock(&e.rt).thread.take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
+    fn hard_stop(&self, e: &Entry) {
+        let h = lock(&e.rt).handle.clone();
+        if let Some(h) = h {
+            h.stop();
+        }
+        self.join(e);
+    }
+
+    /// Hard-stops every instance (process shutdown).
+    pub fn shutdown(&self) {
+        let entries = lock(&self.entries).clone();
+        for e in entries {
+            self.hard_stop(&e);
+        }
+    }
+}
