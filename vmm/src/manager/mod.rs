@@ -96,6 +96,23 @@ struct Entry {
 }
 
 impl Entry {
+    /// A stopped instance with an empty console.
+    fn new(def: InstanceDef) -> Self {
+        Self {
+            def: Mutex::new(def),
+            rt: Mutex::new(Runtime {
+                state: InstanceState::Stopped,
+                reason: None,
+                started_at: None,
+                handle: None,
+                thread: None,
+                input: None,
+            }),
+            changed: Condvar::new(),
+            console: ConsoleRing::default(),
+        }
+    }
+
     fn view(&self) -> Instance {
         let def = lock(&self.def).clone();
         let rt = lock(&self.rt);
@@ -167,19 +184,7 @@ impl Manager {
             if def.auto_start {
                 auto.push(def.id.to_string());
             }
-            lock(&m.entries).push(Arc::new(Entry {
-                def: Mutex::new(def),
-                rt: Mutex::new(Runtime {
-                    state: InstanceState::Stopped,
-                    reason: None,
-                    started_at: None,
-                    handle: None,
-                    thread: None,
-                    input: None,
-                }),
-                changed: Condvar::new(),
-                console: ConsoleRing::default(),
-            }));
+            lock(&m.entries).push(Arc::new(Entry::new(def)));
         }
         for id in auto {
             if let Err(e) = m.action(
@@ -323,19 +328,7 @@ impl Manager {
             self.store
                 .save(def.id, &def)
                 .map_err(|e| ManagerError::Internal(format!("saving the definition: {e}")))?;
-            entries.push(Arc::new(Entry {
-                def: Mutex::new(def.clone()),
-                rt: Mutex::new(Runtime {
-                    state: InstanceState::Stopped,
-                    reason: None,
-                    started_at: None,
-                    handle: None,
-                    thread: None,
-                    input: None,
-                }),
-                changed: Condvar::new(),
-                console: ConsoleRing::default(),
-            }));
+            entries.push(Arc::new(Entry::new(def.clone())));
         }
         let key = def.id.to_string();
         self.events.push(
