@@ -1,6 +1,8 @@
 //! `kiln`: the Kiln virtual machine monitor.
 
+mod client;
 mod run;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,15 @@ enum Command {
     /// Without --kernel it boots the probe guest built into kiln. The exit status is 0 when
     /// the guest powers off, 1 when the VM fails, 130 when stopped with Ctrl-C.
     Run(run::RunArgs),
+    /// Serve the REST API on a Unix socket (and TCP with a token): the host daemon.
+    Serve(serve::ServeArgs),
+    /// Manage instances through a running `kiln serve`.
+    Instance {
+        #[command(subcommand)]
+        command: client::InstanceCommand,
+        #[command(flatten)]
+        endpoint: client::Endpoint,
+    },
 }
 
 fn main() {
@@ -26,6 +37,8 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Instance { command, endpoint } => client::instance(endpoint, command),
     };
     std::process::exit(code);
 }

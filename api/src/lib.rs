@@ -1,1 +1,37 @@
-//! Kiln's REST API (axum + tokio), to come: see `../shared/design/API.md`.
+//! Kiln's REST API (axum + tokio): the contract is `shared/design/API.md`.
+//!
+//! The binary builds an [`AppState`], makes a [`router()`] of it and serves that router on a
+//! Unix socket ([`listen::serve_unix`]) and optionally on TCP ([`listen::serve_tcp`]).
+//!
+//! Modules:
+//! - [`error`]: [`ApiError`], the one error shape;
+//! - [`json`]: [`ApiJson`], the JSON extractor whose rejections are [`ApiError`]s;
+//! - [`request_id`], [`api_version`], [`metrics`] and the private `error_shape`: middleware;
+//! - [`auth`]: the TCP bearer token; [`listen`]: the listeners;
+//! - [`mod@router`]: [`AppState`], the route table and the router; [`openapi`]: the document;
+//! - [`server_info`]: `GET /v1`; `instances`: instances, actions, console, operations.
+
+#![warn(missing_docs)]
+
+pub mod api_version;
+pub mod auth;
+pub mod error;
+mod error_shape;
+mod instances;
+pub mod json;
+pub mod listen;
+pub mod metrics;
+pub mod openapi;
+pub mod request_id;
+pub mod router;
+pub mod server_info;
+
+pub use api_version::API_VERSION;
+pub use error::{ApiError, ErrorCode};
+pub use json::{ApiJson, JSON_BODY_LIMIT};
+pub use listen::{serve_tcp, serve_unix, shutdown_signal, ListenError, TcpServer, UnixServer};
+pub use metrics::Metrics;
+pub use openapi::ApiDoc;
+pub use request_id::RequestId;
+pub use router::{api_routes, router, routes, ApiRouter, AppState, ManagerRef, RouteInfo};
+pub use server_info::{HostInfo, ServerInfo};

@@ -1,0 +1,236 @@
+//! Instance, action, console and operation routes: each maps onto one `vmm::Manager` call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use uuid::Uuid;
+use vmm::manager::{Action, InstanceCreate, Manager, ManagerError};
+
+use crate::error::{ApiError, ErrorBody};
+use crate::json::ApiJson;
+use crate::router::AppState;
+
+/// The manager, taken from the state (absent only in HTTP-only test servers).
+pub(crate) struct Mgr(Arc<Manager>);
+
+impl axum::extract::FromRequestParts<AppState> for Mgr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        _parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        state
+            .manager
+            .0
+            .clone()
+            .map(Mgr)
+            .ok_or_else(|| ApiError::internal("this server has no instance manager"))
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ManagerError::NotFound(..) => ApiError::not_found(msg),
+            ManagerError::InvalidState { .. } => ApiError::invalid_state(msg),
+            ManagerError::AlreadyExists(_) => ApiError::already_exists(msg),
+            ManagerError::InvalidValue { field, message } => {
+                ApiError::invalid_value(&field, message)
+            }
+            ManagerError::InsufficientCapacity(_) => ApiError::insufficient_capacity(msg),
+            ManagerError::PreconditionFailed(_) => ApiError::precondition_failed(msg),
+            ManagerError::Internal(_) => ApiError::internal(msg),
+        }
+    }
+}
+
+/// Runs a blocking manager call off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("blocking task: {e}")))?
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    state: Option<String>,
+    name: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/instances", tag = "instances", params(ListQuery),
+    responses((status = 200, description = "The instances")))]
+pub(crate) async fn list(Mgr(m): Mgr, Query(q): Query<ListQuery>) -> Response {
+    let items: Vec<_> = m
+        .list()
+        .into_iter()
+        .filter(|i| q.state.as_deref().is_none_or(|s| i.state.to_string() == s))
+        .filter(|i| q.name.as_deref().is_none_or(|n| i.def.name == n))
+        .collect();
+    Json(items).into_response()
+}
+
+#[utoipa::path(post, path = "/v1/instances", tag = "instances",
+    request_body(content = Object, description = "The instance (API.md), plus `start`"),
+    responses((status = 201, description = "Created"), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub(crate) async fn create(
+    Mgr(m): Mgr,
+    ApiJson(spec): ApiJson<InstanceCreate>,
+) -> Result<Response, ApiError> {
+    let (inst, _op) = blocking(move || m.create(spec).map_err(ApiError::from)).await?;
+    let location = format!("/v1/instances/{}", inst.def.id);
+    let mut r = (StatusCode::CREATED, Json(&inst)).into_response();
+    r.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_str(&location).unwrap());
+    r.headers_mut()
+        .insert(header::ETAG, HeaderValue::from_str(&inst.etag()).unwrap());
+    Ok(r)
+}
+
+#[utoipa::path(get, path = "/v1/instances/{instance}", tag = "instances", params(("instance" = String, Path, description = "Id or name")),
+    responses((status = 200, description = "The instance, with an ETag"), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get(Mgr(m): Mgr, Path(key): Path<String>) -> Result<Response, ApiError> {
+    let inst = m.get(&key)?;
+    let mut r = Json(&inst).into_response();
+    r.headers_mut()
+        .insert(header::ETAG, HeaderValue::from_str(&inst.etag()).unwrap());
+    Ok(r)
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/instances/{instance}", tag = "instances", params(("instance" = String, Path, description = "Id or name"), ForceQuery),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(crate) async fn delete(
+    Mgr(m): Mgr,
+    Path(key): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || m.delete(&key, q.force).map_err(ApiError::from)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct WaitQuery {
+    #[serde(default)]
+    wait: bool,
+}
+
+#[utoipa::path(post, path = "/v1/instances/{instance}/actions", tag = "instances", params(("instance" = String, Path, description = "Id or name"), WaitQuery),
+    request_body(content = Object, description = "{\"action\": start|stop|reboot|reset|pause|resume, \"force\", \"timeout_s\"}"),
+    responses((status = 202, description = "The operation"), (status = 200, description = "With wait=true: the instance"), (status = 409, body = ErrorBody)))]
+pub(crate) async fn action(
+    Mgr(m): Mgr,
+    Path(key): Path<String>,
+    Query(q): Query<WaitQuery>,
+    ApiJson(a): ApiJson<Action>,
+) -> Result<Response, ApiError> {
+    let op = m.action(&key, a)?;
+    if !q.wait {
+        let mut r = (StatusCode::ACCEPTED, Json(&op)).into_response();
+        let loc = format!("/v1/operations/{}", op.id);
+        r.headers_mut()
+            .insert(header::LOCATION, HeaderValue::from_str(&loc).unwrap());
+        return Ok(r);
+    }
+    let m2 = m.clone();
+    let done = blocking(move || {
+        m2.operations
+            .wait(op.id, Duration::from_secs(600))
+            .ok_or_else(|| ApiError::internal("operation vanished"))
+    })
+    .await?;
+    match done.error {
+        Some(e) => Err(ApiError::invalid_state(e)),
+        None => Ok(Json(m.get(&key)?).into_response()),
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ConsoleQuery {
+    from: Option<u64>,
+    tail: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/instances/{instance}/console", tag = "instances", params(("instance" = String, Path, description = "Id or name"), ConsoleQuery),
+    responses((status = 200, description = "Serial output kept so far (x-console-offset, x-console-end)", content_type = "text/plain")))]
+pub(crate) async fn console(
+    Mgr(m): Mgr,
+    Path(key): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> Result<Response, ApiError> {
+    let ring = m.console(&key)?;
+    let (start, bytes) = match (q.from, q.tail) {
+        (_, Some(t)) => ring.tail(t),
+        (f, None) => ring.read_from(f.unwrap_or(0)),
+    };
+    let end = start + bytes.len() as u64;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert("x-console-offset", HeaderValue::from(start));
+    headers.insert("x-console-end", HeaderValue::from(end));
+    Ok((headers, bytes).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/operations", tag = "operations",
+    responses((status = 200, description = "Recent operations")))]
+pub(crate) async fn operations(Mgr(m): Mgr) -> Response {
+    Json(m.operations.list()).into_response()
+}
+
+fn op_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found(format!("operation {id} not found")))
+}
+
+#[utoipa::path(get, path = "/v1/operations/{id}", tag = "operations", params(("id" = String, Path, description = "Operation id")),
+    responses((status = 200, description = "The operation"), (status = 404, body = ErrorBody)))]
+pub(crate) async fn operation(Mgr(m): Mgr, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let op = m
+        .operations
+        .get(op_id(&id)?)
+        .ok_or_else(|| ApiError::not_found(format!("operation {id} not found")))?;
+    Ok(Json(op).into_response())
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct TimeoutQuery {
+    timeout_s: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/operations/{id}/wait", tag = "operations", params(("id" = String, Path, description = "Operation id"), TimeoutQuery),
+    responses((status = 200, description = "The operation once it ended, or the timeout passed"), (status = 404, body = ErrorBody)))]
+pub(crate) async fn wait_operation(
+    Mgr(m): Mgr,
+    Path(id): Path<String>,
+    Query(q): Query<TimeoutQuery>,
+) -> Result<Response, ApiError> {
+    let uuid = op_id(&id)?;
+    let timeout = Duration::from_secs(q.timeout_s.unwrap_or(30).min(3600));
+    let op = blocking(move || {
+        m.operations
+            .wait(uuid, timeout)
+            .ok_or_else(|| ApiError::not_found(format!("operation {id} not found")))
+    })
+    .await?;
+    Ok(Json(op).into_response())
+}

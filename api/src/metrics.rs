@@ -1,0 +1,199 @@
+//! The Prometheus registry of the process and the API's own metrics.
+//!
+//! [`Metrics`] wraps a `prometheus-client` registry (prefix `kiln_`). The API records
+//! `kiln_api_requests_total{method,route,status}` and
+//! `kiln_api_request_duration_seconds{method,route}` for every request; other parts of Kiln add
+//! their own metrics with [`Metrics::register`] (a counter or gauge they keep and update) or
+//! [`Metrics::register_collector`] (values computed at each scrape, such as instances by state).
+//! `GET /metrics` serves the registry as OpenMetrics text.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Metric, Registry};
+
+use crate::error::ApiError;
+
+/// Content type of `GET /metrics` (the text format `prometheus-client` writes).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Route label of requests that matched no route.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+}
+
+/// The metrics registry shared by the whole process. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with the API's request counter and latency histogram.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kiln");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "API requests by method, route and status",
+            requests.clone(),
+        );
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            // 50 µs .. ~26 s
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+        });
+        registry.register(
+            "api_request_duration_seconds",
+            "API request latency by method and route, in seconds",
+            latency.clone(),
+        );
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            requests,
+            latency,
+        }
+    }
+
+    /// Adds a metric (a `Counter`, `Gauge`, `Family`, `Histogram`… of `prometheus-client`)
+    /// that the caller keeps a clone of and updates. `name` gets the `kiln_` prefix.
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        self.lock().register(name, help, metric);
+    }
+
+    /// Adds a collector whose values are computed at each scrape.
+    pub fn register_collector(&self, collector: Box<dyn Collector>) {
+        self.lock().register_collector(collector);
+    }
+
+    /// The registry as OpenMetrics text.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.lock())?;
+        Ok(text)
+    }
+
+    /// Counts one finished request.
+    pub fn record_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                method: method.to_string(),
+                route: route.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Middleware: records every request's route, status and latency.
+pub(crate) async fn record(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| UNMATCHED_ROUTE.to_string());
+    let started = Instant::now();
+    let response = next.run(req).await;
+    metrics.record_request(
+        &method,
+        &route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// Prometheus metrics of the process.
+///
+/// API requests and latencies, and whatever other parts of Kiln registered (instances by
+/// state, vCPU exits, device counters), in the OpenMetrics text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "server",
+    responses(
+        (status = 200, description = "Prometheus metrics (OpenMetrics text format)",
+         body = String, content_type = "application/openmetrics-text"),
+    )
+)]
+pub(crate) async fn get_metrics(State(metrics): State<Metrics>) -> Result<Response, ApiError> {
+    let text = metrics.encode().map_err(ApiError::internal)?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(METRICS_CONTENT_TYPE),
+        )],
+        text,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::gauge::Gauge;
+
+    #[test]
+    fn records_and_encodes() {
+        let metrics = Metrics::new();
+        metrics.record_request("GET", "/v1", 200, 0.001);
+        metrics.record_request("GET", "/v1", 200, 0.002);
+        let gauge = Gauge::<i64>::default();
+        metrics.register("instances_running", "Running instances", gauge.clone());
+        gauge.set(3);
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(r#"kiln_api_requests_total{method="GET",route="/v1",status="200"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("kiln_api_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains("kiln_instances_running 3"), "{text}");
+    }
+}

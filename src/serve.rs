@@ -1,0 +1,111 @@
+//! `kiln serve`: the host daemon — every instance of the host under the REST API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use api::{AppState, HostInfo, Metrics, ServerInfo};
+use clap::Args;
+use vmm::manager::Manager;
+use vmm::Host;
+
+use crate::run::PROBE_GUEST;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Unix socket to serve the API on (mode 0660; a stale socket is replaced).
+    #[arg(long, value_name = "PATH", default_value = "/run/kiln/kiln.sock")]
+    socket: PathBuf,
+    /// Where instance definitions are kept.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln")]
+    state_dir: PathBuf,
+    /// Also serve on TCP (needs --token-file; every request needs the bearer token).
+    #[arg(long, value_name = "ADDR:PORT", requires = "token_file")]
+    listen: Option<SocketAddr>,
+    /// File holding the bearer token for --listen.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+pub fn serve(args: ServeArgs) -> i32 {
+    let host = match Host::open() {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return 1;
+        }
+    };
+    let info = ServerInfo {
+        host: HostInfo {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory: host.memory,
+        },
+        features: vec![
+            "virtio-blk".into(),
+            "virtio-net".into(),
+            "probe-guest".into(),
+        ],
+    };
+    let manager = match Manager::open(host, &args.state_dir, Arc::from(PROBE_GUEST)) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return 1;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return 1;
+        }
+    };
+    let state = AppState::new(info, Metrics::new()).with_manager(manager.clone());
+    let result = rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let shutdown = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let unix = api::UnixServer::bind(&args.socket)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tcp = match (args.listen, &args.token_file) {
+            (Some(addr), Some(token)) => Some(
+                api::TcpServer::bind(addr, token)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            _ => None,
+        };
+        tracing::info!("serving on {}", args.socket.display());
+        let mut tasks = vec![tokio::spawn(
+            unix.serve(api::router(state.clone()), shutdown(stop_rx.clone())),
+        )];
+        if let Some(tcp) = tcp {
+            tracing::info!("serving on TCP {}", tcp.local_addr());
+            tasks.push(tokio::spawn(
+                tcp.serve(api::router(state), shutdown(stop_rx)),
+            ));
+        }
+        api::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            if let Ok(Err(e)) = t.await {
+                tracing::warn!("listener: {e}");
+            }
+        }
+        Ok::<_, String>(())
+    });
+    manager.shutdown();
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! `kiln serve` over its Unix socket with a real HTTP client: the instance lifecycle of
+//! API.md, its refusals, and a restart on the same state directory.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Server {
+        common::require_kvm();
+        let socket = dir.join("kiln.sock");
+        let child = common::kiln()
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server { child, socket }
+    }
+
+    /// One request; returns status, headers and body text.
+    fn call(&self, method: Method, path: &str, body: &str) -> (u16, hyper::HeaderMap, String) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "kiln")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap();
+            let resp = tx.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                headers,
+                String::from_utf8_lossy(&bytes).into_owned(),
+            )
+        })
+    }
+
+    fn json(&self, method: Method, path: &str, body: Value) -> (u16, Value) {
+        let (status, headers, text) = self.call(method, path, &body.to_string());
+        assert!(
+            headers.contains_key("x-request-id"),
+            "{path}: no x-request-id"
+        );
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    fn console(&self, name: &str) -> String {
+        self.call(Method::GET, &format!("/v1/instances/{name}/console"), "")
+            .2
+    }
+
+    fn wait_console(&self, name: &str, what: &str, n: usize) -> bool {
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if self.console(name).matches(what).count() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: sending SIGTERM to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn action(s: &Server, name: &str, a: Value) -> (u16, Value) {
+    s.json(
+        Method::POST,
+        &format!("/v1/instances/{name}/actions?wait=true"),
+        a,
+    )
+}
+
+#[test]
+fn instance_lifecycle_over_the_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let mode = std::fs::metadata(&s.socket)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode, 0o660);
+
+    let body = json!({"name": "web-1", "vcpus": 1, "memory": "64MiB",
+        "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=wait-powerbutton"}});
+    let (st, inst) = s.json(Method::POST, "/v1/instances", body.clone());
+    assert_eq!(st, 201, "{inst}");
+    assert_eq!(inst["state"], "stopped");
+    assert_eq!(inst["memory"], 64 << 20);
+
+    let (st, inst) = action(&s, "web-1", json!({"action": "start"}));
+    assert_eq!(
+        (st, inst["state"].as_str()),
+        (200, Some("running")),
+        "{inst}"
+    );
+    assert!(
+        s.wait_console("web-1", "PROBE-OK wait-powerbutton armed", 1),
+        "{}",
+        s.console("web-1")
+    );
+
+    // Refusals that fit the state.
+    let (st, e) = action(&s, "web-1", json!({"action": "start"}));
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (409, Some("invalid_state")),
+        "{e}"
+    );
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("running"),
+        "{e}"
+    );
+    let (st, e) = s.json(Method::DELETE, "/v1/instances/web-1", Value::Null);
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (409, Some("invalid_state"))
+    );
+
+    // Graceful stop through the power button; start again; reboot; force stop; delete.
+    let (st, inst) = action(&s, "web-1", json!({"action": "stop", "timeout_s": 20}));
+    assert_eq!(
+        (st, inst["state"].as_str()),
+        (200, Some("stopped")),
+        "{inst}"
+    );
+    assert!(s.console("web-1").contains("PROBE-OK powerbutton pressed"));
+    let (st, _) = action(&s, "web-1", json!({"action": "start"}));
+    assert_eq!(st, 200);
+    assert!(s.wait_console("web-1", "PROBE-OK wait-powerbutton armed", 2));
+    let (st, inst) = action(&s, "web-1", json!({"action": "reboot", "force": true}));
+    assert_eq!(
+        (st, inst["state"].as_str()),
+        (200, Some("running")),
+        "{inst}"
+    );
+    assert!(
+        s.wait_console("web-1", "KILN-PROBE v1 ", 3),
+        "{}",
+        s.console("web-1")
+    );
+    let (st, inst) = action(&s, "web-1", json!({"action": "stop", "force": true}));
+    assert_eq!(
+        (st, inst["state"].as_str()),
+        (200, Some("stopped")),
+        "{inst}"
+    );
+    let (st, _, _) = s.call(Method::DELETE, "/v1/instances/web-1", "");
+    assert_eq!(st, 204);
+    let (st, e) = s.json(Method::GET, "/v1/instances/web-1", Value::Null);
+    assert_eq!((st, e["error"]["code"].as_str()), (404, Some("not_found")));
+
+    // A 202 with an operation to poll, without wait.
+    s.json(Method::POST, "/v1/instances", body);
+    let (st, op) = s.json(
+        Method::POST,
+        "/v1/instances/web-1/actions",
+        json!({"action": "start"}),
+    );
+    assert_eq!(st, 202, "{op}");
+    let id = op["id"].as_str().unwrap();
+    let (st, op) = s.json(
+        Method::GET,
+        &format!("/v1/operations/{id}/wait?timeout_s=30"),
+        Value::Null,
+    );
+    assert_eq!((st, op["state"].as_str()), (200, Some("succeeded")), "{op}");
+}
+
+#[test]
+fn bad_requests_get_the_documented_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let base =
+        json!({"name": "ok-1", "vcpus": 1, "memory": "64MiB", "boot": {"kernel": "kiln-probe"}});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    let cases = [
+        (with("vcpus", json!(0)), 400, "invalid_value", "vcpus"),
+        (
+            with("memory", json!("12XB")),
+            400,
+            "invalid_value",
+            "memory",
+        ),
+        (with("name", json!("a/b")), 400, "invalid_value", "name"),
+        (with("colour", json!("red")), 400, "invalid_value", "colour"),
+        (with("vcpus", json!("two")), 400, "invalid_value", "vcpus"),
+        (
+            with("memory", json!("64TiB")),
+            413,
+            "insufficient_capacity",
+            "memory",
+        ),
+    ];
+    for (body, status, code, word) in cases {
+        let (st, e) = s.json(Method::POST, "/v1/instances", body.clone());
+        assert_eq!(
+            (st, e["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {e}"
+        );
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(word),
+            "{body}: {e}"
+        );
+    }
+    let (st, _, text) = s.call(Method::POST, "/v1/instances", "{not json");
+    assert_eq!(st, 400, "{text}");
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(2 << 20));
+    let (st, _, text) = s.call(Method::POST, "/v1/instances", &big);
+    assert_eq!(st, 413, "{text}");
+    let (st, e) = s.json(
+        Method::POST,
+        "/v1/instances/ghost/actions",
+        json!({"action": "start"}),
+    );
+    assert_eq!((st, e["error"]["code"].as_str()), (404, Some("not_found")));
+    let (st, list) = s.json(Method::GET, "/v1/instances", Value::Null);
+    assert_eq!(
+        (st, list.as_array().map(|a| a.len())),
+        (200, Some(0)),
+        "nothing half-made"
+    );
+}
+
+#[test]
+fn instances_survive_a_restart_of_kiln_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Server::start(dir.path());
+        for name in ["one", "two"] {
+            let body = json!({"name": name, "vcpus": 1, "memory": "64MiB", "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=hlt"}});
+            assert_eq!(s.json(Method::POST, "/v1/instances", body).0, 201);
+        }
+        assert_eq!(action(&s, "one", json!({"action": "start"})).0, 200);
+    }
+    let s = Server::start(dir.path());
+    let (_, list) = s.json(Method::GET, "/v1/instances", Value::Null);
+    let mut names: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap().to_string(),
+                i["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("one".into(), "stopped".into()),
+            ("two".into(), "stopped".into())
+        ]
+    );
+}
