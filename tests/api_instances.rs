@@ -308,3 +308,55 @@ fn instances_survive_a_restart_of_kiln_serve() {
         ]
     );
 }
+
+#[test]
+fn websocket_console_types_into_the_guest_and_reads_the_answer() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let body = json!({"name": "echo", "vcpus": 1, "memory": "64MiB",
+        "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=echo,poweroff"}});
+    assert_eq!(s.json(Method::POST, "/v1/instances", body).0, 201);
+    assert_eq!(action(&s, "echo", json!({"action": "start"})).0, 200);
+    assert!(
+        s.wait_console("echo", "PROBE-OK echo ready", 1),
+        "{}",
+        s.console("echo")
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = rt.block_on(async {
+        let stream = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
+        let (mut ws, _) =
+            tokio_tungstenite::client_async("ws://kiln/v1/instances/echo/console/stream", stream)
+                .await
+                .unwrap();
+        ws.send(Message::text("hello kiln\r")).await.unwrap();
+        let mut seen = String::new();
+        let end = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !seen.contains("PROBE-ECHO hello kiln") {
+            match tokio::time::timeout_at(end, ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        ws.send(Message::text("quit\r")).await.unwrap();
+        seen
+    });
+    assert!(seen.contains("PROBE-ECHO hello kiln"), "{seen}");
+    // The guest ended its echo and powered off: the instance is stopped.
+    let end = Instant::now() + Duration::from_secs(20);
+    while s.json(Method::GET, "/v1/instances/echo", Value::Null).1["state"] != "stopped"
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        s.json(Method::GET, "/v1/instances/echo", Value::Null).1["state"],
+        "stopped"
+    );
+}

@@ -234,3 +234,63 @@ pub(crate) async fn wait_operation(
     .await?;
     Ok(Json(op).into_response())
 }
+
+#[utoipa::path(get, path = "/v1/instances/{instance}/console/stream", tag = "instances",
+    params(("instance" = String, Path, description = "Id or name")),
+    responses((status = 101, description = "Websocket: guest output to the client (binary), client bytes to the guest"),
+        (status = 404, body = ErrorBody)))]
+pub(crate) async fn console_stream(
+    Mgr(m): Mgr,
+    Path(key): Path<String>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let ring = m.console(&key)?;
+    Ok(ws.on_upgrade(move |socket| stream_console(m, key, ring, socket)))
+}
+
+/// Copies new console output to the websocket and the client's bytes to the serial port.
+async fn stream_console(
+    m: Arc<Manager>,
+    key: String,
+    ring: vmm::manager::ConsoleRing,
+    socket: axum::extract::ws::WebSocket,
+) {
+    use axum::extract::ws::Message;
+    use futures_util::{SinkExt, StreamExt};
+    let (mut tx, mut rx) = socket.split();
+    let output = tokio::spawn(async move {
+        // Live output from now on; the history is GET …/console.
+        let mut offset = ring.bounds().1;
+        loop {
+            let (r, off) = (ring.clone(), offset);
+            let Ok(end) =
+                tokio::task::spawn_blocking(move || r.wait_beyond(off, Duration::from_millis(500)))
+                    .await
+            else {
+                break;
+            };
+            if end <= offset {
+                continue;
+            }
+            let (start, bytes) = ring.read_from(offset);
+            offset = start + bytes.len() as u64;
+            if tx.send(Message::Binary(bytes.into())).await.is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(Ok(msg)) = rx.next().await {
+        let bytes: Vec<u8> = match msg {
+            Message::Text(t) => t.as_bytes().to_vec(),
+            Message::Binary(b) => b.to_vec(),
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let (m, key) = (m.clone(), key.clone());
+        let r = tokio::task::spawn_blocking(move || m.console_input(&key, &bytes)).await;
+        if !matches!(r, Ok(Ok(()))) {
+            break;
+        }
+    }
+    output.abort();
+}

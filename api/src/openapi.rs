@@ -35,6 +35,7 @@ use crate::server_info::{HostInfo, ServerInfoResponse};
         crate::instances::delete,
         crate::instances::action,
         crate::instances::console,
+        crate::instances::console_stream,
         crate::instances::operations,
         crate::instances::operation,
         crate::instances::wait_operation,

@@ -182,6 +182,11 @@ pub fn api_routes() -> ApiRouter {
             "/v1/instances/{instance}/console",
             instances::console,
         )
+        .route(
+            Method::GET,
+            "/v1/instances/{instance}/console/stream",
+            instances::console_stream,
+        )
         .route(Method::GET, "/v1/operations", instances::operations)
         .route(Method::GET, "/v1/operations/{id}", instances::operation)
         .route(
@@ -189,7 +194,7 @@ pub fn api_routes() -> ApiRouter {
             "/v1/operations/{id}/wait",
             instances::wait_operation,
         )
-    // Still to come: disks, images, PATCH, console stream, events.
+    // Still to come: disks, images, PATCH, events.
 }
 
 /// The routes [`router`] serves (method and path), for checks against the OpenAPI document.
