@@ -3,122 +3,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use common::server::{action, Server};
+
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use serde_json::{json, Value};
-
-struct Server {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        common::require_kvm();
-        let socket = dir.join("kiln.sock");
-        let child = common::kiln()
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let end = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Server { child, socket }
-    }
-
-    /// One request; returns status, headers and body text.
-    fn call(&self, method: Method, path: &str, body: &str) -> (u16, hyper::HeaderMap, String) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
-            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            let req = Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", "kiln")
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body.to_string())))
-                .unwrap();
-            let resp = tx.send_request(req).await.unwrap();
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            (
-                status,
-                headers,
-                String::from_utf8_lossy(&bytes).into_owned(),
-            )
-        })
-    }
-
-    fn json(&self, method: Method, path: &str, body: Value) -> (u16, Value) {
-        let (status, headers, text) = self.call(method, path, &body.to_string());
-        assert!(
-            headers.contains_key("x-request-id"),
-            "{path}: no x-request-id"
-        );
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    fn console(&self, name: &str) -> String {
-        self.call(Method::GET, &format!("/v1/instances/{name}/console"), "")
-            .2
-    }
-
-    fn wait_console(&self, name: &str, what: &str, n: usize) -> bool {
-        let end = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < end {
-            if self.console(name).matches(what).count() >= n {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: sending SIGTERM to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn action(s: &Server, name: &str, a: Value) -> (u16, Value) {
-    s.json(
-        Method::POST,
-        &format!("/v1/instances/{name}/actions?wait=true"),
-        a,
-    )
-}
 
 #[test]
 fn instance_lifecycle_over_the_unix_socket() {

@@ -269,3 +269,4 @@ impl Buffer {
         false
     }
 }
+pub mod server;

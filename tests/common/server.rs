@@ -1,0 +1,132 @@
+//! `kiln serve` as a child process and a real HTTP/1 client over its Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// A running `kiln serve`; SIGTERM on drop.
+pub struct Server {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Server {
+    /// `kiln serve` on `dir/kiln.sock` with state in `dir/state`.
+    pub fn start(dir: &Path) -> Server {
+        Self::start_with(dir, &[])
+    }
+
+    /// The same, with more `kiln serve` arguments.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
+        super::require_kvm();
+        let socket = dir.join("kiln.sock");
+        let child = super::kiln()
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server {
+            child,
+            socket,
+            state_dir: dir.join("state"),
+        }
+    }
+
+    /// One request; returns status, headers and body text.
+    pub fn call(&self, method: Method, path: &str, body: &str) -> (u16, hyper::HeaderMap, String) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "kiln")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap();
+            let resp = tx.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                headers,
+                String::from_utf8_lossy(&bytes).into_owned(),
+            )
+        })
+    }
+
+    pub fn json(&self, method: Method, path: &str, body: Value) -> (u16, Value) {
+        let (status, headers, text) = self.call(method, path, &body.to_string());
+        assert!(
+            headers.contains_key("x-request-id"),
+            "{path}: no x-request-id"
+        );
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub fn console(&self, name: &str) -> String {
+        self.call(Method::GET, &format!("/v1/instances/{name}/console"), "")
+            .2
+    }
+
+    pub fn wait_console(&self, name: &str, what: &str, n: usize) -> bool {
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if self.console(name).matches(what).count() >= n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: sending SIGTERM to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An action with `?wait=true`.
+pub fn action(s: &Server, name: &str, a: Value) -> (u16, Value) {
+    s.json(
+        Method::POST,
+        &format!("/v1/instances/{name}/actions?wait=true"),
+        a,
+    )
+}
