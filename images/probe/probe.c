@@ -867,6 +867,24 @@ static void cmd_hlt(void)
 	halt_forever();
 }
 
+/* Guest-physical address in the MMIO gap with no device and no RAM behind it. */
+#define UNBACKED_MMIO 0xc0000000UL
+
+/* `lock cmpxchg16b` on an address with no RAM behind it: the access must be emulated, and
+ * KVM's instruction emulator does not implement cmpxchg16b, so at CPL 0 KVM_RUN returns
+ * KVM_EXIT_INTERNAL_ERROR (suberror 1, emulation failure). The same on PVM, which emulates
+ * every instruction of a guest that is not PVM-aware. */
+static void cmd_internal_error(void)
+{
+	u64 lo = 0, hi = 0;
+	say("PROBE-OK internal-error");
+	__asm__ volatile("lock cmpxchg16b (%4)"
+			 : "+a"(lo), "+d"(hi)
+			 : "b"(0UL), "c"(0UL), "r"(P(UNBACKED_MMIO))
+			 : "memory", "cc");
+	say("PROBE-FAIL internal-error still-running");
+}
+
 static const struct command {
 	const char *name;
 	void (*run)(void);
@@ -885,6 +903,7 @@ static const struct command {
 	{ "wait-powerbutton", cmd_wait_powerbutton },
 	{ "echo", cmd_echo },
 	{ "hlt", cmd_hlt },
+	{ "internal-error", cmd_internal_error },
 	{ "virtio", cmd_virtio },
 };
 
