@@ -64,7 +64,9 @@ pub fn serve(args: ServeArgs) -> i32 {
             return 1;
         }
     };
-    let state = AppState::new(info, Metrics::new()).with_manager(manager.clone());
+    let metrics = Metrics::new();
+    metrics.register_vmm(&manager);
+    let state = AppState::new(info, metrics).with_manager(manager.clone());
     let result = rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let shutdown = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -6,8 +6,13 @@
 //! their own metrics with [`Metrics::register`] (a counter or gauge they keep and update) or
 //! [`Metrics::register_collector`] (values computed at each scrape, such as instances by state).
 //! `GET /metrics` serves the registry as OpenMetrics text.
+//!
+//! [`Metrics::register_vmm`] adds the VMM's scrape-time families: `kiln_instances{state}`
+//! (every state, zeros included), `kiln_vcpu_exits_total{reason}` (every vCPU of the process,
+//! every reason, zeros included) and `kiln_console_bytes_total{instance}` (serial output bytes
+//! of each instance since it was defined or loaded).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -15,11 +20,14 @@ use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Metric, Registry};
+use vmm::manager::{InstanceState, Manager};
 
 use crate::error::ApiError;
 
@@ -99,6 +107,15 @@ impl Metrics {
         self.lock().register_collector(collector);
     }
 
+    /// Adds the VMM's metrics, computed at each scrape: instances of `manager` by state,
+    /// vCPU exits of the process by reason, console bytes per instance. The registry keeps
+    /// only a weak reference to `manager`.
+    pub fn register_vmm(&self, manager: &Arc<Manager>) {
+        self.register_collector(Box::new(VmmCollector {
+            manager: Arc::downgrade(manager),
+        }));
+    }
+
     /// The registry as OpenMetrics text.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
@@ -125,6 +142,92 @@ impl Metrics {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Every instance state, in the order `kiln_instances` lists them.
+const STATES: [InstanceState; 7] = [
+    InstanceState::Stopped,
+    InstanceState::Starting,
+    InstanceState::Running,
+    InstanceState::Paused,
+    InstanceState::Stopping,
+    InstanceState::Rebooting,
+    InstanceState::Failed,
+];
+
+/// Position of `state` in [`STATES`]; exhaustive, so that a new state cannot be forgotten.
+fn state_index(state: InstanceState) -> usize {
+    match state {
+        InstanceState::Stopped => 0,
+        InstanceState::Starting => 1,
+        InstanceState::Running => 2,
+        InstanceState::Paused => 3,
+        InstanceState::Stopping => 4,
+        InstanceState::Rebooting => 5,
+        InstanceState::Failed => 6,
+    }
+}
+
+/// The VMM's scrape-time metrics (see [`Metrics::register_vmm`]).
+struct VmmCollector {
+    manager: Weak<Manager>,
+}
+
+impl std::fmt::Debug for VmmCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmmCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for VmmCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let manager = self.manager.upgrade();
+        let instances = manager.as_ref().map(|m| m.list()).unwrap_or_default();
+
+        let mut by_state = [0i64; STATES.len()];
+        for i in &instances {
+            by_state[state_index(i.state)] += 1;
+        }
+        let mut family = encoder.encode_descriptor(
+            "instances",
+            "Instances by state.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in STATES.iter().zip(by_state) {
+            let labels = [("state", state.to_string())];
+            ConstGauge::new(n).encode(family.encode_family(&labels)?)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "vcpu_exits",
+            "vCPU exits (KVM_RUN returns) of every VM of the process, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in vmm::exit_counts() {
+            let labels = [("reason", reason.label())];
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "console_bytes",
+            "Serial console output bytes by instance (since the instance was created or loaded).",
+            None,
+            MetricType::Counter,
+        )?;
+        for i in &instances {
+            let Some(ring) = manager
+                .as_ref()
+                .and_then(|m| m.console(&i.def.id.to_string()).ok())
+            else {
+                continue; // deleted since the list was taken
+            };
+            let labels = [("instance", i.def.name.as_str())];
+            ConstCounter::new(ring.bounds().1).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -195,5 +298,29 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kiln_instances_running 3"), "{text}");
+    }
+
+    #[test]
+    fn vmm_families_list_every_state_and_reason() {
+        let metrics = Metrics::new();
+        // A manager that is gone: no instances, but every family and label is still there.
+        metrics.register_collector(Box::new(VmmCollector {
+            manager: Weak::new(),
+        }));
+        let text = metrics.encode().unwrap();
+        for state in STATES {
+            assert!(
+                text.contains(&format!("kiln_instances{{state=\"{state}\"}} 0\n")),
+                "{text}"
+            );
+        }
+        for reason in vmm::ExitReason::ALL {
+            let name = format!("kiln_vcpu_exits_total{{reason=\"{}\"}} ", reason.label());
+            assert!(text.contains(&name), "{text}");
+        }
+        assert!(text.contains("# TYPE kiln_instances gauge"), "{text}");
+        assert!(text.contains("# TYPE kiln_vcpu_exits counter"), "{text}");
+        assert!(text.contains("# TYPE kiln_console_bytes counter"), "{text}");
+        assert!(!text.contains("kiln_console_bytes_total{"), "{text}");
     }
 }

@@ -13,4 +13,5 @@ pub use config::{
     parse_mac, parse_size, random_mac, ConfigError, DiskConfig, KernelImage, NetConfig, VmConfig,
 };
 pub use host::Host;
+pub use vcpu::{exit_counts, ExitReason};
 pub use vm::{Console, Exit, HandleError, Vm, VmError, VmEvent, VmHandle, VmObserver};

@@ -1,5 +1,7 @@
-//! One vCPU thread: `KVM_RUN` and dispatch of port and MMIO exits to the buses.
+//! One vCPU thread: `KVM_RUN` and dispatch of port and MMIO exits to the buses; the
+//! process-wide count of vCPU exits by reason ([`exit_counts`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::{Bus, GuestRequest, GuestRequests};
@@ -7,6 +9,84 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::vm::{BootControl, Outcome};
+
+/// Why `KVM_RUN` returned to Kiln, as counted by [`exit_counts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExitReason {
+    /// Port I/O (`in`/`out`, string I/O included).
+    Io,
+    /// An access to guest-physical memory with no RAM behind it.
+    Mmio,
+    /// `hlt` (only without an in-kernel LAPIC; KVM usually handles it itself).
+    Hlt,
+    /// `KVM_RUN` interrupted: a signal kicked the vCPU out (pause, stop), or on PVM an AP
+    /// left wait-for-SIPI.
+    Intr,
+    /// A triple fault.
+    Shutdown,
+    /// A system event (power-off, reset, crash).
+    SystemEvent,
+    /// `KVM_EXIT_INTERNAL_ERROR` (an emulation failure, for instance).
+    InternalError,
+    /// KVM could not enter the guest.
+    FailEntry,
+    /// Any other exit.
+    Other,
+    /// `KVM_RUN` failed with an error.
+    Error,
+}
+
+impl ExitReason {
+    /// Every reason, in the order of [`exit_counts`].
+    pub const ALL: [ExitReason; 10] = [
+        ExitReason::Io,
+        ExitReason::Mmio,
+        ExitReason::Hlt,
+        ExitReason::Intr,
+        ExitReason::Shutdown,
+        ExitReason::SystemEvent,
+        ExitReason::InternalError,
+        ExitReason::FailEntry,
+        ExitReason::Other,
+        ExitReason::Error,
+    ];
+
+    /// A short lower-case name (a metric label): `io`, `internal_error`, …
+    pub fn label(self) -> &'static str {
+        match self {
+            ExitReason::Io => "io",
+            ExitReason::Mmio => "mmio",
+            ExitReason::Hlt => "hlt",
+            ExitReason::Intr => "intr",
+            ExitReason::Shutdown => "shutdown",
+            ExitReason::SystemEvent => "system_event",
+            ExitReason::InternalError => "internal_error",
+            ExitReason::FailEntry => "fail_entry",
+            ExitReason::Other => "other",
+            ExitReason::Error => "error",
+        }
+    }
+}
+
+/// One counter per cache line, so that vCPUs counting different reasons do not share one.
+#[repr(align(64))]
+struct ExitCounter(AtomicU64);
+
+/// vCPU exits of every VM of the process, indexed by `ExitReason as usize`.
+static EXITS: [ExitCounter; ExitReason::ALL.len()] =
+    [const { ExitCounter(AtomicU64::new(0)) }; ExitReason::ALL.len()];
+
+/// Counts one exit: a relaxed atomic increment, no lock.
+#[inline]
+fn count(reason: ExitReason) {
+    EXITS[reason as usize].0.fetch_add(1, Ordering::Relaxed);
+}
+
+/// vCPU exits of every VM this process has run, by reason (every reason, zeros included), in
+/// the order of [`ExitReason::ALL`].
+pub fn exit_counts() -> [(ExitReason, u64); ExitReason::ALL.len()] {
+    ExitReason::ALL.map(|r| (r, EXITS[r as usize].0.load(Ordering::Relaxed)))
+}
 
 /// The buses every vCPU of a VM dispatches to.
 pub(crate) struct Buses {
@@ -23,7 +103,21 @@ pub(crate) fn run(mut vcpu: VcpuFd, id: u8, buses: Arc<Buses>, control: Arc<Boot
         if control.is_ending() {
             break;
         }
-        let failure = match vcpu.run() {
+        let exit = vcpu.run();
+        count(match &exit {
+            Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::IoIn(..)) => ExitReason::Io,
+            Ok(VcpuExit::MmioRead(..)) | Ok(VcpuExit::MmioWrite(..)) => ExitReason::Mmio,
+            Ok(VcpuExit::Hlt) => ExitReason::Hlt,
+            Ok(VcpuExit::Intr) => ExitReason::Intr,
+            Ok(VcpuExit::Shutdown) => ExitReason::Shutdown,
+            Ok(VcpuExit::SystemEvent(..)) => ExitReason::SystemEvent,
+            Ok(VcpuExit::InternalError) => ExitReason::InternalError,
+            Ok(VcpuExit::FailEntry(..)) => ExitReason::FailEntry,
+            Ok(_) => ExitReason::Other,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitReason::Intr,
+            Err(_) => ExitReason::Error,
+        });
+        let failure = match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
                 dispatch_io(&buses.pio, port, data.len(), |bus, p, range| {
                     bus.write(p, &data[range])
@@ -120,5 +214,31 @@ fn describe_state(vcpu: &VcpuFd) -> String {
             r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr3, s.cr4, s.efer
         ),
         _ => "vCPU state unavailable".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_counted_by_reason() {
+        let before = exit_counts();
+        count(ExitReason::Io);
+        count(ExitReason::InternalError);
+        count(ExitReason::InternalError);
+        let after = exit_counts();
+        for (i, r) in ExitReason::ALL.iter().enumerate() {
+            assert_eq!((before[i].0, after[i].0), (*r, *r), "in the order of ALL");
+            assert_eq!(*r as usize, i, "ALL is indexed by the discriminant");
+        }
+        // Other tests may boot VMs at the same time: the counters only grow.
+        assert!(after[ExitReason::Io as usize].1 > before[ExitReason::Io as usize].1);
+        let ie = ExitReason::InternalError as usize;
+        assert!(after[ie].1 >= before[ie].1 + 2);
+        let mut labels: Vec<_> = ExitReason::ALL.iter().map(|r| r.label()).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), ExitReason::ALL.len());
     }
 }
