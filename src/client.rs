@@ -1,14 +1,27 @@
-//! The CLI client: `kiln instance …` talks to `kiln serve` over its Unix socket (or TCP with a
-//! bearer token) and prints tables, or JSON with `--json`.
+//! The CLI client: `kiln instance …` (and `kiln disk`, `kiln image`, `kiln console`) talk to
+//! `kiln serve` over its Unix socket (or TCP with a bearer token) and print tables, or JSON with
+//! `--json`.
 
 use std::path::PathBuf;
 
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+
+use crate::table;
+
+/// Any error a request body can fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of every request the client sends: JSON text or a stream.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// A byte stream to the server: Unix socket or TCP.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// Where `kiln serve` listens.
 #[derive(Args, Clone)]
@@ -35,7 +48,7 @@ pub struct Endpoint {
     token: Option<String>,
     /// Print the server's JSON instead of a table.
     #[arg(long, global = true)]
-    json: bool,
+    pub json: bool,
 }
 
 /// `kiln instance …`
@@ -106,30 +119,39 @@ pub enum InstanceCommand {
 }
 
 impl Endpoint {
-    async fn request(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<(StatusCode, Value), String> {
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "kiln")
-            .header("content-type", "application/json");
-        let sender = match &self.url {
+    /// True when the server is reached over TCP (and requests carry the bearer token).
+    fn token_for_tcp(&self) -> Result<Option<&str>, String> {
+        match &self.url {
+            Some(_) => self
+                .token
+                .as_deref()
+                .map(Some)
+                .ok_or_else(|| "--url needs --token (or KILN_TOKEN)".to_string()),
+            None => Ok(None),
+        }
+    }
+
+    /// The `Authorization` header value, for TCP.
+    pub fn authorization(&self) -> Result<Option<String>, String> {
+        Ok(self.token_for_tcp()?.map(|t| format!("Bearer {t}")))
+    }
+
+    /// The host and port of --url.
+    fn tcp_addr(url: &str) -> &str {
+        url.trim_start_matches("http://").trim_end_matches('/')
+    }
+
+    /// A connected byte stream to the server.
+    pub async fn connect(&self) -> Result<Box<dyn Io>, String> {
+        match &self.url {
             Some(url) => {
-                let addr = url.trim_start_matches("http://").trim_end_matches('/');
-                let token = self
-                    .token
-                    .as_deref()
-                    .ok_or("--url needs --token (or KILN_TOKEN)")?;
-                req = req.header("authorization", format!("Bearer {token}"));
+                self.token_for_tcp()?;
+                let addr = Self::tcp_addr(url);
                 let stream = tokio::net::TcpStream::connect(addr)
                     .await
                     .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-                handshake(stream).await?
+                let _ = stream.set_nodelay(true);
+                Ok(Box::new(stream))
             }
             None => {
                 let stream = tokio::net::UnixStream::connect(&self.socket)
@@ -140,96 +162,214 @@ impl Endpoint {
                             self.socket.display()
                         )
                     })?;
-                handshake(stream).await?
+                Ok(Box::new(stream))
             }
-        };
-        let mut sender = sender;
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let resp = sender
+        }
+    }
+
+    /// A request to `path` with the headers every request carries (host, token).
+    pub fn builder(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<hyper::http::request::Builder, String> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "kiln");
+        if let Some(auth) = self.authorization()? {
+            req = req.header("authorization", auth);
+        }
+        Ok(req)
+    }
+
+    /// Sends one request on a new connection; the response body is still to be read.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
+        let stream = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender
             .send_request(req)
             .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        let value = if bytes.is_empty() {
-            Value::Null
+            .map_err(|e| format!("request failed: {e}"))
+    }
+
+    /// One JSON request; returns the status and the body (JSON, text as a string, or null).
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), String> {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = self
+            .builder(method, path)?
+            .header("content-type", "application/json")
+            .body(json_body(body))
+            .map_err(|e| e.to_string())?;
+        let resp = self.send(req).await?;
+        read_json(resp).await
+    }
+
+    /// [`Endpoint::request`], with an error status turned into the server's message.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
+        let (status, v) = self.request(method, path, body).await?;
+        if status.is_success() {
+            Ok(v)
         } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        Ok((status, value))
+            Err(api_error(status, &v))
+        }
+    }
+
+    /// Every item of a list, following `next_page_token` when the server pages.
+    pub async fn list(&self, path: &str) -> Result<Vec<Value>, String> {
+        let mut items = Vec::new();
+        let mut page = None::<String>;
+        loop {
+            let p = match &page {
+                Some(t) => format!("{path}?page_token={}", query_escape(t)),
+                None => path.to_string(),
+            };
+            let v = self.call(Method::GET, &p, None).await?;
+            match v {
+                Value::Array(a) => return Ok(a),
+                Value::Object(ref o) if o.get("items").is_some_and(Value::is_array) => {
+                    items.extend(o["items"].as_array().into_iter().flatten().cloned());
+                    match o.get("next_page_token").and_then(Value::as_str) {
+                        Some(t) if !t.is_empty() => page = Some(t.to_string()),
+                        _ => return Ok(items),
+                    }
+                }
+                other => return Err(format!("unexpected answer from the server: {other}")),
+            }
+        }
     }
 }
 
-async fn handshake<S>(
-    stream: S,
-) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+/// A request body of JSON text.
+pub fn json_body(text: String) -> Body {
+    Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Reads a whole response as JSON (text that is not JSON becomes a string).
+pub async fn read_json(resp: Response<Incoming>) -> Result<(StatusCode, Value), String> {
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
         .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
+        .map_err(|e| format!("reading the answer: {e}"))?
+        .to_bytes();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Ok((status, value))
 }
 
 /// The API's error message, or the status.
-fn api_error(status: StatusCode, v: &Value) -> String {
+pub fn api_error(status: StatusCode, v: &Value) -> String {
     match (v["error"]["code"].as_str(), v["error"]["message"].as_str()) {
         (Some(code), Some(msg)) => format!("{msg} ({code})"),
-        _ => format!("the server answered {status}"),
+        _ => match v.as_str() {
+            Some(text) if !text.trim().is_empty() && text.len() < 200 => {
+                format!("the server answered {status}: {}", text.trim())
+            }
+            _ => format!("the server answered {status}"),
+        },
     }
 }
 
-fn table(instances: &[Value]) {
-    println!(
-        "{:<20} {:<10} {:>5} {:>10}  ID",
-        "NAME", "STATE", "VCPUS", "MEMORY"
-    );
-    for i in instances {
-        println!(
-            "{:<20} {:<10} {:>5} {:>10}  {}",
-            i["name"].as_str().unwrap_or(""),
-            i["state"].as_str().unwrap_or(""),
-            i["vcpus"],
-            format!("{}MiB", i["memory"].as_u64().unwrap_or(0) >> 20),
-            i["id"].as_str().unwrap_or("")
-        );
+/// Percent-encodes a query parameter value.
+pub fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
+    out
 }
 
-/// Runs `kiln instance …`; returns the exit status.
-pub fn instance(ep: Endpoint, cmd: InstanceCommand) -> i32 {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+/// Percent-encodes one path segment (names and ids are plain, but a user may type anything).
+pub fn path_escape(s: &str) -> String {
+    query_escape(s)
+}
+
+/// A current-thread runtime for one CLI command.
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
+        .map_err(|e| e.to_string())
+}
+
+/// Runs a CLI command's future; prints its error in one line. Returns the exit status.
+pub fn run_command(fut: impl std::future::Future<Output = Result<(), String>>) -> i32 {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kiln: {e}");
             return 1;
         }
     };
+    match rt.block_on(fut) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            1
+        }
+    }
+}
+
+/// Prints JSON, pretty.
+pub fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Runs `kiln instance …`; returns the exit status.
+pub fn instance(ep: Endpoint, cmd: InstanceCommand) -> i32 {
+    run_command(instance_async(ep, cmd))
+}
+
+async fn instance_async(ep: Endpoint, cmd: InstanceCommand) -> Result<(), String> {
     let action = |name: &str, body: Value| {
         (
             Method::POST,
-            format!("/v1/instances/{name}/actions?wait=true"),
+            format!("/v1/instances/{}/actions?wait=true", path_escape(name)),
             Some(body),
         )
     };
     let (method, path, body) = match &cmd {
-        InstanceCommand::List => (Method::GET, "/v1/instances".to_string(), None),
-        InstanceCommand::Show { name } => (Method::GET, format!("/v1/instances/{name}"), None),
+        InstanceCommand::List => {
+            let list = ep.list("/v1/instances").await?;
+            if ep.json {
+                print_json(&Value::Array(list));
+            } else {
+                table::instances(&list);
+            }
+            return Ok(());
+        }
+        InstanceCommand::Show { name } => (
+            Method::GET,
+            format!("/v1/instances/{}", path_escape(name)),
+            None,
+        ),
         InstanceCommand::Create {
             name,
             vcpus,
@@ -240,7 +380,7 @@ pub fn instance(ep: Endpoint, cmd: InstanceCommand) -> i32 {
             start,
         } => {
             let nics: Vec<Value> = taps.iter().map(|t| json!({"host_tap": t})).collect();
-            let body = json!({"name": name, "vcpus": vcpus, "memory": memory,
+            let body = json!({"name": name, "vcpus": vcpus, "memory": size_value(memory),
                 "boot": {"kernel": kernel, "cmdline": cmdline},
                 "network_interfaces": nics, "start": start});
             (Method::POST, "/v1/instances".to_string(), Some(body))
@@ -259,28 +399,26 @@ pub fn instance(ep: Endpoint, cmd: InstanceCommand) -> i32 {
         }
         InstanceCommand::Delete { name, force } => (
             Method::DELETE,
-            format!("/v1/instances/{name}?force={force}"),
+            format!("/v1/instances/{}?force={force}", path_escape(name)),
             None,
         ),
     };
-    match rt.block_on(ep.request(method, &path, body)) {
-        Err(e) => {
-            eprintln!("kiln: {e}");
-            1
+    let v = ep.call(method, &path, body).await?;
+    if ep.json {
+        if !v.is_null() {
+            print_json(&v);
         }
-        Ok((status, v)) if !status.is_success() => {
-            eprintln!("kiln: {}", api_error(status, &v));
-            1
-        }
-        Ok((_, v)) => {
-            if ep.json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else if let Some(list) = v.as_array().or_else(|| v["items"].as_array()) {
-                table(list);
-            } else if v.is_object() && v.get("name").is_some() {
-                table(std::slice::from_ref(&v));
-            }
-            0
-        }
+    } else if v.is_object() && v.get("name").is_some() {
+        table::instances(std::slice::from_ref(&v));
+    }
+    Ok(())
+}
+
+/// A size as the API takes it: an integer when the text is only digits, else the text
+/// (`"512MiB"`), which the server checks.
+pub fn size_value(s: &str) -> Value {
+    match s.trim().parse::<u64>() {
+        Ok(n) => json!(n),
+        Err(_) => json!(s.trim()),
     }
 }

@@ -1,8 +1,12 @@
 //! `kiln`: the Kiln virtual machine monitor.
 
 mod client;
+mod console;
+mod disk_cli;
 mod run;
 mod serve;
+mod table;
+mod transfer;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +34,35 @@ enum Command {
         #[command(flatten)]
         endpoint: client::Endpoint,
     },
+    /// Attach to the serial console of a running instance (detach with Ctrl-]).
+    ///
+    /// What you type goes to the guest's COM1 and its output comes to stdout. When stdin is a
+    /// terminal it is put in raw mode (Ctrl-C goes to the guest) until you detach with Ctrl-]
+    /// (restored on every exit). When stdin is not a terminal, it is forwarded until it ends;
+    /// then the output is printed until the guest has been quiet for --timeout seconds. Either
+    /// way the console ends when the instance stops or the server closes the connection. Only
+    /// output from the moment of connection is shown; the history is in
+    /// GET /v1/instances/NAME/console.
+    Console {
+        #[command(flatten)]
+        args: console::ConsoleArgs,
+        #[command(flatten)]
+        endpoint: client::Endpoint,
+    },
+    /// Manage disks through a running `kiln serve`.
+    Disk {
+        #[command(subcommand)]
+        command: disk_cli::DiskCommand,
+        #[command(flatten)]
+        endpoint: client::Endpoint,
+    },
+    /// Manage kernels, initrds and base disk images through a running `kiln serve`.
+    Image {
+        #[command(subcommand)]
+        command: disk_cli::ImageCommand,
+        #[command(flatten)]
+        endpoint: client::Endpoint,
+    },
 }
 
 fn main() {
@@ -39,6 +72,9 @@ fn main() {
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::serve(args),
         Command::Instance { command, endpoint } => client::instance(endpoint, command),
+        Command::Console { args, endpoint } => console::console(endpoint, args),
+        Command::Disk { command, endpoint } => disk_cli::disk(endpoint, command),
+        Command::Image { command, endpoint } => disk_cli::image(endpoint, command),
     };
     std::process::exit(code);
 }
