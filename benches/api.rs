@@ -1,0 +1,413 @@
+//! API benchmark: a real `kiln serve` (the built binary) on a temporary state directory, driven
+//! over its Unix socket by a tokio + hyper client.
+//!
+//!     cargo bench --bench api -- [--requests N] [--runs N] [--vms N]
+//!
+//! 1. Latency of `GET /v1/instances/{id}` on kept-alive HTTP/1 connections, at 1 and 64
+//!    concurrent clients, `--requests` (5000) each: p50, p99 and the request rate.
+//! 2. `POST …/actions {"action":"start"}` → the probe banner on the console websocket
+//!    (median, min, max of `--runs`, 20), a force stop between runs.
+//! 3. RSS of `kiln serve` (VmRSS) with 0, 1, 10 and 20 idle running 128 MiB probe guests
+//!    (`probe=hlt`), and the overhead per extra guest.
+//! 4. `--vms` (50) instances in a row created with `"start": true`, each until its banner is in
+//!    `GET …/console`: instances per second; then they are deleted (`?force=true`).
+//!
+//! Figures only: nothing here asserts a time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+const BANNER: &str = "KILN-PROBE v1 ";
+
+/// `kiln serve` as a child; SIGTERM on drop.
+struct Serve {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Serve {
+    fn start(dir: &Path) -> Serve {
+        let socket = dir.join("kiln.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kiln serve");
+        let end = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < end, "kiln serve made no socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Serve { child, socket }
+    }
+
+    /// VmRSS of the server, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // SAFETY: SIGTERM to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One kept-alive HTTP/1 connection.
+struct Conn {
+    tx: SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    async fn open(socket: &Path) -> Conn {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .expect("connect");
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        Conn { tx }
+    }
+
+    async fn call(&mut self, method: Method, path: &str, body: Option<&Value>) -> (u16, Bytes) {
+        self.tx.ready().await.expect("connection ready");
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "kiln")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = self.tx.send_request(req).await.expect("request");
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, bytes)
+    }
+
+    async fn json(&mut self, method: Method, path: &str, body: Option<&Value>) -> Value {
+        let (status, bytes) = self.call(method, path, body).await;
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        assert!(status < 300, "{path}: {status} {v}");
+        v
+    }
+}
+
+fn probe_instance(name: &str, cmds: &str, start: bool) -> Value {
+    json!({"name": name, "vcpus": 1, "memory": "128MiB", "start": start,
+        "boot": {"kernel": "kiln-probe", "cmdline": format!("console=ttyS0 probe={cmds}")}})
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Waits until the console of `name` shows `what` at least `n` times; polls every 2 ms.
+async fn wait_console(c: &mut Conn, name: &str, what: &str, n: usize) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, text) = c
+            .call(Method::GET, &format!("/v1/instances/{name}/console"), None)
+            .await;
+        if String::from_utf8_lossy(&text).matches(what).count() >= n {
+            return;
+        }
+        assert!(Instant::now() < end, "{name}: no {what:?} on the console");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// 1. GET latency at `clients` concurrent connections of `requests` each.
+async fn latency(
+    socket: &Path,
+    id: &str,
+    clients: usize,
+    requests: usize,
+) -> (Vec<Duration>, Duration) {
+    let path = format!("/v1/instances/{id}");
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (socket, path, barrier) = (socket.to_path_buf(), path.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::open(&socket).await;
+            for _ in 0..50 {
+                c.call(Method::GET, &path, None).await;
+            }
+            barrier.wait().await;
+            let mut lat = Vec::with_capacity(requests);
+            for _ in 0..requests {
+                let t = Instant::now();
+                let (status, _) = c.call(Method::GET, &path, None).await;
+                lat.push(t.elapsed());
+                assert_eq!(status, 200);
+            }
+            lat
+        }));
+    }
+    barrier.wait().await;
+    let start = Instant::now();
+    let mut all = Vec::with_capacity(clients * requests);
+    for t in tasks {
+        all.extend(t.await.expect("client task"));
+    }
+    let wall = start.elapsed();
+    all.sort();
+    (all, wall)
+}
+
+/// 2. start → banner on the websocket, `runs` times.
+async fn start_to_banner(socket: &Path, c: &mut Conn, runs: usize) -> Vec<Duration> {
+    c.json(
+        Method::POST,
+        "/v1/instances",
+        Some(&probe_instance("boot", "hlt", false)),
+    )
+    .await;
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::client_async("ws://kiln/v1/instances/boot/console/stream", stream)
+            .await
+            .expect("console websocket");
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let (status, body) = c
+            .call(
+                Method::POST,
+                "/v1/instances/boot/actions",
+                Some(&json!({"action": "start"})),
+            )
+            .await;
+        assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+                Ok(Some(Ok(m))) => {
+                    seen.extend_from_slice(&m.into_data());
+                    if String::from_utf8_lossy(&seen).contains(BANNER) {
+                        break;
+                    }
+                }
+                other => panic!("console websocket ended: {other:?}"),
+            }
+        }
+        out.push(t.elapsed());
+        c.json(
+            Method::POST,
+            "/v1/instances/boot/actions?wait=true",
+            Some(&json!({"action": "stop", "force": true})),
+        )
+        .await;
+    }
+    c.json(Method::DELETE, "/v1/instances/boot?force=true", None)
+        .await;
+    out.sort();
+    out
+}
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let requests = arg(&args, "--requests", 5000);
+    let runs = arg(&args, "--runs", 20).max(1);
+    let vms = arg(&args, "--vms", 50).max(1);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .expect("the API benchmark boots guests and needs /dev/kvm");
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let socket = serve.socket.clone();
+    rt.block_on(async {
+        let mut c = Conn::open(&socket).await;
+
+        // 3. RSS with 0, 1, 10, 20 idle guests (a fresh server first).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut rss = vec![(0usize, serve.rss_kib())];
+        let mut running = 0;
+        for target in [1usize, 10, 20] {
+            while running < target {
+                let name = format!("idle-{running}");
+                c.json(
+                    Method::POST,
+                    "/v1/instances",
+                    Some(&probe_instance(&name, "hlt", true)),
+                )
+                .await;
+                wait_console(&mut c, &name, "PROBE-OK hlt", 1).await;
+                running += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rss.push((target, serve.rss_kib()));
+        }
+        for i in 0..running {
+            c.json(
+                Method::DELETE,
+                &format!("/v1/instances/idle-{i}?force=true"),
+                None,
+            )
+            .await;
+        }
+
+        // 4. VMs created and started to their banner, in a row.
+        let t = Instant::now();
+        for i in 0..vms {
+            let name = format!("vm-{i}");
+            c.json(
+                Method::POST,
+                "/v1/instances",
+                Some(&probe_instance(&name, "hlt", true)),
+            )
+            .await;
+            wait_console(&mut c, &name, BANNER, 1).await;
+        }
+        let create_wall = t.elapsed();
+        let rss_many = serve.rss_kib();
+        let t = Instant::now();
+        for i in 0..vms {
+            c.json(
+                Method::DELETE,
+                &format!("/v1/instances/vm-{i}?force=true"),
+                None,
+            )
+            .await;
+        }
+        let delete_wall = t.elapsed();
+
+        // 1. GET latency, on a running instance.
+        let inst = c
+            .json(
+                Method::POST,
+                "/v1/instances",
+                Some(&probe_instance("lat", "hlt", true)),
+            )
+            .await;
+        let id = inst["id"].as_str().expect("id").to_string();
+        wait_console(&mut c, "lat", "PROBE-OK hlt", 1).await;
+        let mut lat = Vec::new();
+        for clients in [1usize, 64] {
+            let (all, wall) = latency(&socket, &id, clients, requests).await;
+            lat.push((clients, all, wall));
+        }
+        c.json(Method::DELETE, "/v1/instances/lat?force=true", None)
+            .await;
+
+        // 2. start → banner.
+        let boots = start_to_banner(&socket, &mut c, runs).await;
+
+        println!();
+        println!("GET /v1/instances/{{id}}, kept-alive HTTP/1 over the Unix socket, {requests} requests per client");
+        println!(
+            "{:>8} {:>10} {:>10} {:>10} {:>12}",
+            "clients", "p50 µs", "p99 µs", "max µs", "requests/s"
+        );
+        for (clients, all, wall) in &lat {
+            println!(
+                "{:>8} {:>10.0} {:>10.0} {:>10.0} {:>12.0}",
+                clients,
+                us(percentile(all, 0.50)),
+                us(percentile(all, 0.99)),
+                us(*all.last().unwrap()),
+                all.len() as f64 / wall.as_secs_f64()
+            );
+        }
+        println!();
+        println!("POST …/actions start → probe banner on the console websocket, {runs} runs");
+        println!(
+            "{:>10} {:>10} {:>10}",
+            "median ms", "min ms", "max ms"
+        );
+        println!(
+            "{:>10.1} {:>10.1} {:>10.1}",
+            ms(percentile(&boots, 0.5)),
+            ms(boots[0]),
+            ms(*boots.last().unwrap())
+        );
+        println!();
+        println!("RSS of kiln serve (VmRSS) with idle running 128 MiB probe guests (probe=hlt)");
+        println!("{:>7} {:>9} {:>20}", "guests", "RSS MiB", "MiB per extra guest");
+        for (i, (n, kib)) in rss.iter().enumerate() {
+            let per = if i == 0 {
+                "-".to_string()
+            } else {
+                let (n0, k0) = rss[i - 1];
+                format!("{:.2}", (*kib as f64 - k0 as f64) / 1024.0 / (n - n0) as f64)
+            };
+            println!("{:>7} {:>9.1} {:>20}", n, *kib as f64 / 1024.0, per);
+        }
+        let (n_last, k_last) = *rss.last().unwrap();
+        println!(
+            "overall: {:.2} MiB per guest (0 → {n_last})",
+            (k_last as f64 - rss[0].1 as f64) / 1024.0 / n_last as f64
+        );
+        println!();
+        println!("{vms} instances in a row: POST /v1/instances {{\"start\": true}} → banner in GET …/console");
+        println!(
+            "{:>10} {:>14} {:>12} {:>16} {:>18}",
+            "total s", "instances/s", "ms each", "RSS after MiB", "delete all s"
+        );
+        println!(
+            "{:>10.2} {:>14.1} {:>12.1} {:>16.1} {:>18.2}",
+            create_wall.as_secs_f64(),
+            vms as f64 / create_wall.as_secs_f64(),
+            ms(create_wall) / vms as f64,
+            rss_many as f64 / 1024.0,
+            delete_wall.as_secs_f64()
+        );
+    });
+    drop(serve);
+}
