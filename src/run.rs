@@ -67,6 +67,7 @@ fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
         path: PathBuf::new(),
         read_only: false,
         serial: String::new(),
+        backing_dirs: Vec::new(),
     };
     for (k, v) in key_values(spec, &["path", "readonly", "serial"])? {
         match k {

@@ -25,6 +25,9 @@ pub struct ServeArgs {
     /// File holding the bearer token for --listen.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// A directory images may be registered from by path (`POST /v1/images`); repeatable.
+    #[arg(long = "image-dir", value_name = "DIR")]
+    image_dirs: Vec<PathBuf>,
 }
 
 pub fn serve(args: ServeArgs) -> i32 {
@@ -46,7 +49,12 @@ pub fn serve(args: ServeArgs) -> i32 {
             "probe-guest".into(),
         ],
     };
-    let manager = match Manager::open(host, &args.state_dir, Arc::from(PROBE_GUEST)) {
+    let manager = match Manager::open(
+        host,
+        &args.state_dir,
+        &args.image_dirs,
+        Arc::from(PROBE_GUEST),
+    ) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("kiln: {e}");
@@ -95,13 +103,21 @@ pub fn serve(args: ServeArgs) -> i32 {
         }
         api::shutdown_signal().await;
         let _ = stop_tx.send(true);
+        // Open streams (console, events) would hold a graceful shutdown forever: give
+        // requests in flight a few seconds, then go.
         for t in tasks {
-            if let Ok(Err(e)) = t.await {
+            let Ok(r) = tokio::time::timeout(std::time::Duration::from_secs(5), t).await else {
+                tracing::info!("connections still open after 5 s; closing them");
+                break;
+            };
+            if let Ok(Err(e)) = r {
                 tracing::warn!("listener: {e}");
             }
         }
         Ok::<_, String>(())
     });
+    // Blocking waits (event and console streams) are not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
     manager.shutdown();
     match result {
         Ok(()) => 0,

@@ -15,7 +15,7 @@ static PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
 
 fn manager(dir: &std::path::Path) -> Arc<Manager> {
     common::require_kvm();
-    Manager::open(Arc::new(Host::open().unwrap()), dir, Arc::from(PROBE)).unwrap()
+    Manager::open(Arc::new(Host::open().unwrap()), dir, &[], Arc::from(PROBE)).unwrap()
 }
 
 fn spec(json: serde_json::Value) -> InstanceCreate {
@@ -252,7 +252,7 @@ fn bad_definitions_are_refused_with_the_field_named() {
     m.create(probe_instance("dup", "hlt")).unwrap();
     assert!(matches!(
         m.create(probe_instance("dup", "hlt")),
-        Err(ManagerError::AlreadyExists(_))
+        Err(ManagerError::AlreadyExists(..))
     ));
     assert!(matches!(
         m.action(

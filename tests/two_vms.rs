@@ -22,6 +22,7 @@ fn vm(host: &Arc<Host>, disk: &std::path::Path, cmds: &str, out: &Buffer) -> Vm 
             path: disk.to_path_buf(),
             read_only: false,
             serial: String::new(),
+            backing_dirs: Vec::new(),
         }],
         nets: Vec::new(),
     };

@@ -9,14 +9,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use uuid::Uuid;
-use vmm::manager::{Action, InstanceCreate, Manager, ManagerError};
+use vmm::manager::{Action, InstanceCreate, InstancePatch, Manager, ManagerError};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::json::ApiJson;
 use crate::router::AppState;
 
 /// The manager, taken from the state (absent only in HTTP-only test servers).
-pub(crate) struct Mgr(Arc<Manager>);
+pub(crate) struct Mgr(pub(crate) Arc<Manager>);
 
 impl axum::extract::FromRequestParts<AppState> for Mgr {
     type Rejection = ApiError;
@@ -40,19 +40,20 @@ impl From<ManagerError> for ApiError {
         match e {
             ManagerError::NotFound(..) => ApiError::not_found(msg),
             ManagerError::InvalidState { .. } => ApiError::invalid_state(msg),
-            ManagerError::AlreadyExists(_) => ApiError::already_exists(msg),
+            ManagerError::AlreadyExists(..) => ApiError::already_exists(msg),
             ManagerError::InvalidValue { field, message } => {
                 ApiError::invalid_value(&field, message)
             }
             ManagerError::InsufficientCapacity(_) => ApiError::insufficient_capacity(msg),
             ManagerError::PreconditionFailed(_) => ApiError::precondition_failed(msg),
+            ManagerError::InUse(_) => ApiError::in_use(msg),
             ManagerError::Internal(_) => ApiError::internal(msg),
         }
     }
 }
 
 /// Runs a blocking manager call off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -293,4 +294,121 @@ async fn stream_console(
         }
     }
     output.abort();
+}
+
+/// The `If-Match` header, if any.
+pub(crate) fn if_match(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+}
+
+/// A JSON response with the resource's `ETag`.
+pub(crate) fn with_etag(status: StatusCode, body: &impl serde::Serialize, etag: &str) -> Response {
+    let mut r = (status, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+#[utoipa::path(patch, path = "/v1/instances/{instance}", tag = "instances",
+    params(("instance" = String, Path, description = "Id or name"), ("If-Match" = Option<String>, Header, description = "ETag from GET")),
+    request_body(content = Object, description = "{name, description, auto_start; vcpus and memory only while stopped}"),
+    responses((status = 200, description = "The instance"), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 412, body = ErrorBody)))]
+pub(crate) async fn patch(
+    Mgr(m): Mgr,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+    ApiJson(p): ApiJson<InstancePatch>,
+) -> Result<Response, ApiError> {
+    let tag = if_match(&headers);
+    let inst = blocking(move || m.patch(&key, p, tag.as_deref()).map_err(ApiError::from)).await?;
+    Ok(with_etag(StatusCode::OK, &inst, &inst.etag()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Attach {
+    disk: String,
+    #[serde(default)]
+    read_only: bool,
+}
+
+#[utoipa::path(post, path = "/v1/instances/{instance}/disks", tag = "instances",
+    params(("instance" = String, Path, description = "Id or name")),
+    request_body(content = Object, description = "{\"disk\": name or id, \"read_only\": false}"),
+    responses((status = 200, description = "The instance with the disk attached"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(crate) async fn attach(
+    Mgr(m): Mgr,
+    Path(key): Path<String>,
+    ApiJson(a): ApiJson<Attach>,
+) -> Result<Response, ApiError> {
+    let inst = blocking(move || {
+        m.attach_disk(&key, &a.disk, a.read_only)
+            .map_err(ApiError::from)
+    })
+    .await?;
+    Ok(with_etag(StatusCode::OK, &inst, &inst.etag()))
+}
+
+#[utoipa::path(delete, path = "/v1/instances/{instance}/disks/{disk}", tag = "instances",
+    params(("instance" = String, Path, description = "Id or name"), ("disk" = String, Path, description = "Disk id or name")),
+    responses((status = 200, description = "The instance without the disk"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(crate) async fn detach(
+    Mgr(m): Mgr,
+    Path((key, disk)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let inst = blocking(move || m.detach_disk(&key, &disk).map_err(ApiError::from)).await?;
+    Ok(with_etag(StatusCode::OK, &inst, &inst.etag()))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventsQuery {
+    /// Only events after this sequence number (default: from now on).
+    since: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventsQuery),
+    responses((status = 200, description = "Server-sent events: one `data:` JSON event per state change or operation update, `id:` its sequence number", content_type = "text/event-stream")))]
+pub(crate) async fn events(
+    Mgr(m): Mgr,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    // A reconnecting client says where it stopped in Last-Event-ID.
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let start = q.since.or(last).unwrap_or_else(|| m.events.last_seq());
+    let stream = futures_util::stream::unfold((m, start), |(m, seq)| async move {
+        loop {
+            let m2 = m.clone();
+            let batch =
+                tokio::task::spawn_blocking(move || m2.events.since(seq, Duration::from_secs(10)))
+                    .await
+                    .ok()?;
+            if let Some(last) = batch.last().map(|e| e.seq) {
+                let items: Vec<Result<SseEvent, std::convert::Infallible>> = batch
+                    .iter()
+                    .map(|e| {
+                        Ok(SseEvent::default()
+                            .id(e.seq.to_string())
+                            .event(e.kind.clone())
+                            .json_data(e)
+                            .unwrap_or_default())
+                    })
+                    .collect();
+                return Some((futures_util::stream::iter(items), (m, last)));
+            }
+        }
+    });
+    use futures_util::StreamExt;
+    Sse::new(stream.flatten())
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }

@@ -15,6 +15,7 @@
 
 pub mod api_version;
 pub mod auth;
+mod disks;
 pub mod error;
 mod error_shape;
 mod instances;

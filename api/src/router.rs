@@ -15,7 +15,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::json::JSON_BODY_LIMIT;
 use crate::metrics::Metrics;
 use crate::server_info::ServerInfo;
-use crate::{api_version, error_shape, instances, metrics, openapi, request_id, server_info};
+use crate::{
+    api_version, disks, error_shape, instances, metrics, openapi, request_id, server_info,
+};
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Debug, Clone, FromRef)]
@@ -194,7 +196,30 @@ pub fn api_routes() -> ApiRouter {
             "/v1/operations/{id}/wait",
             instances::wait_operation,
         )
-    // Still to come: disks, images, PATCH, events.
+        .route(Method::PATCH, "/v1/instances/{instance}", instances::patch)
+        .route(
+            Method::POST,
+            "/v1/instances/{instance}/disks",
+            instances::attach,
+        )
+        .route(
+            Method::DELETE,
+            "/v1/instances/{instance}/disks/{disk}",
+            instances::detach,
+        )
+        .route(Method::GET, "/v1/events", instances::events)
+        .route(Method::GET, "/v1/disks", disks::list)
+        .route(Method::POST, "/v1/disks", disks::create)
+        .streaming_route(Method::POST, "/v1/disks/import", disks::import)
+        .route(Method::GET, "/v1/disks/{disk}", disks::get)
+        .route(Method::PATCH, "/v1/disks/{disk}", disks::patch)
+        .route(Method::DELETE, "/v1/disks/{disk}", disks::delete)
+        .route(Method::GET, "/v1/disks/{disk}/export", disks::export)
+        .route(Method::GET, "/v1/images", disks::images)
+        .route(Method::POST, "/v1/images", disks::add_image)
+        .streaming_route(Method::POST, "/v1/images/upload", disks::upload_image)
+        .route(Method::GET, "/v1/images/{image}", disks::get_image)
+        .route(Method::DELETE, "/v1/images/{image}", disks::delete_image)
 }
 
 /// The routes [`router`] serves (method and path), for checks against the OpenAPI document.

@@ -80,6 +80,84 @@ impl Server {
         })
     }
 
+    /// One request with a byte body (`application/octet-stream`); returns status and body.
+    pub fn call_bytes(&self, method: Method, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "kiln")
+                .header("content-type", "application/octet-stream")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = tx.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, bytes.to_vec())
+        })
+    }
+
+    /// A JSON request with extra headers; returns status, headers and the parsed body.
+    pub fn json_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, hyper::HeaderMap, Value) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "kiln")
+                .header("content-type", "application/json");
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+            let resp = tx.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                headers,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            )
+        })
+    }
+
+    /// Waits until the instance is in `state`.
+    pub fn wait_state(&self, name: &str, state: &str) -> bool {
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            let (_, v) = self.json(Method::GET, &format!("/v1/instances/{name}"), Value::Null);
+            if v["state"] == state {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     pub fn json(&self, method: Method, path: &str, body: Value) -> (u16, Value) {
         let (status, headers, text) = self.call(method, path, &body.to_string());
         assert!(

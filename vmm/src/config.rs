@@ -45,6 +45,8 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// What GET_ID returns (at most 20 bytes).
     pub serial: String,
+    /// Directories a qcow2 backing file may lie in; empty: the image's own directory.
+    pub backing_dirs: Vec<PathBuf>,
 }
 
 /// A NIC on a host TAP device.

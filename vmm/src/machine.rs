@@ -300,9 +300,13 @@ fn virtio_devices(
 ) -> Result<VirtioDevices, VmError> {
     let mut devs: Vec<SharedVirtioDevice> = Vec::new();
     for d in &config.disks {
-        let dir = d.path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+        let allowed_dirs = if d.backing_dirs.is_empty() {
+            vec![d.path.parent().map(|p| p.to_path_buf()).unwrap_or_default()]
+        } else {
+            d.backing_dirs.clone()
+        };
         let opts = images::OpenOptions {
-            allowed_dirs: vec![dir],
+            allowed_dirs,
             ..Default::default()
         };
         let disk = images::open_disk(&d.path, d.read_only, &opts)

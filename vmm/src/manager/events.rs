@@ -54,6 +54,11 @@ impl EventLog {
         self.added.notify_all();
     }
 
+    /// The sequence number of the newest event (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        lock(&self.log).1
+    }
+
     /// Events after `seq`, waiting up to `timeout` for one if there are none yet.
     pub fn since(&self, seq: u64, timeout: Duration) -> Vec<Event> {
         let l = lock(&self.log);

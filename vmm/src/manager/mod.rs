@@ -2,14 +2,17 @@
 //! events and operations, and their definitions in the state directory.
 
 mod console;
+mod disks;
 mod events;
+mod image_ops;
+mod images;
 mod model;
 mod operations;
 mod store;
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,14 +21,16 @@ use devices::bus::lock;
 use uuid::Uuid;
 
 pub use console::{ConsoleRing, CONSOLE_RING};
+pub use disks::{Disk, DiskCreate, DiskDef, DiskPatch, DiskSource};
 pub use events::{Event, EventLog};
+pub use images::{Image, ImageCreate, ImageKind, PROBE_IMAGE_ID};
 pub use model::{
-    check_name, Action, ActionKind, BootSpec, Instance, InstanceCreate, InstanceDef, InstanceState,
-    Nic, NicSpec, Size,
+    check_name, Action, ActionKind, AttachedDisk, BootSpec, DiskSpec, ExistingDisk, Instance,
+    InstanceCreate, InstanceDef, InstancePatch, InstanceState, NewDisk, Nic, NicSpec, Size,
 };
 pub use operations::{Operation, OperationState, Operations};
 
-use crate::config::{parse_mac, random_mac, KernelImage, NetConfig, VmConfig};
+use crate::config::{parse_mac, random_mac, DiskConfig, KernelImage, NetConfig, VmConfig};
 use crate::host::Host;
 use crate::vm::{Console, Exit, Vm, VmEvent, VmHandle};
 use model::now;
@@ -50,9 +55,12 @@ pub enum ManagerError {
         /// What to do.
         hint: &'static str,
     },
-    /// The name is taken.
-    #[error("an instance named {0} already exists")]
-    AlreadyExists(String),
+    /// The name is taken (kind, name).
+    #[error("{0} {1:?} already exists; pick another name")]
+    AlreadyExists(&'static str, String),
+    /// The resource is used by another one.
+    #[error("{0}")]
+    InUse(String),
     /// A field has a bad value.
     #[error("{field}: {message}")]
     InvalidValue {
@@ -142,12 +150,29 @@ impl Entry {
     }
 }
 
+/// Where the manager keeps its files.
+struct Dirs {
+    /// `<state>/disks`: disk files and their definitions.
+    disks: PathBuf,
+    /// `<state>/images`: uploaded images and every image definition.
+    images: PathBuf,
+    /// Directories images may be registered from (resolved).
+    image_dirs: Vec<PathBuf>,
+}
+
 /// Every instance of the host.
 pub struct Manager {
     host: Arc<Host>,
     probe: Arc<[u8]>,
     store: Store,
     entries: Mutex<Vec<Arc<Entry>>>,
+    dirs: Dirs,
+    disk_store: Store,
+    disks: Mutex<Vec<DiskDef>>,
+    image_store: Store,
+    images: Mutex<Vec<Image>>,
+    /// Serialises changes to definitions (names, attachments), so checks and writes agree.
+    changes: Mutex<()>,
     /// State changes and operation updates.
     pub events: EventLog,
     /// Long actions.
@@ -159,28 +184,51 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Manager {
     /// Loads the definitions in `state_dir` (every instance `stopped`) and starts those with
-    /// `auto_start`. `probe` is the image `kiln-probe`.
+    /// `auto_start`. `probe` is the image `kiln-probe`; images may be registered from files
+    /// in `image_dirs`.
     pub fn open(
         host: Arc<Host>,
         state_dir: &Path,
+        image_dirs: &[PathBuf],
         probe: Arc<[u8]>,
     ) -> Result<Arc<Self>, ManagerError> {
-        let store = Store::open(&state_dir.join("instances")).map_err(|e| {
+        let state_err = |e: std::io::Error| {
             ManagerError::Internal(format!("state directory {}: {e}", state_dir.display()))
-        })?;
-        let defs: Vec<InstanceDef> = store
-            .load_all()
-            .map_err(|e| ManagerError::Internal(format!("state directory: {e}")))?;
+        };
+        let store = Store::open(&state_dir.join("instances")).map_err(state_err)?;
+        let disk_store = Store::open(&state_dir.join("disks")).map_err(state_err)?;
+        let image_store = Store::open(&state_dir.join("images")).map_err(state_err)?;
+        let mut resolved = Vec::new();
+        for d in image_dirs {
+            resolved.push(d.canonicalize().map_err(|e| ManagerError::InvalidValue {
+                field: "image-dir".into(),
+                message: format!("{}: {e}", d.display()),
+            })?);
+        }
+        let dirs = Dirs {
+            disks: state_dir.join("disks").canonicalize().map_err(state_err)?,
+            images: state_dir.join("images").canonicalize().map_err(state_err)?,
+            image_dirs: resolved,
+        };
+        let defs: Vec<InstanceDef> = store.load_all().map_err(state_err)?;
+        let disks: Vec<DiskDef> = disk_store.load_all().map_err(state_err)?;
+        let images: Vec<Image> = image_store.load_all().map_err(state_err)?;
         let m = Arc::new(Self {
             host,
             probe,
             store,
             entries: Mutex::new(Vec::new()),
+            dirs,
+            disk_store,
+            disks: Mutex::new(sorted(disks, |d| d.created_at.clone())),
+            image_store,
+            images: Mutex::new(sorted(images, |i| i.created_at.clone())),
+            changes: Mutex::new(()),
             events: EventLog::default(),
             operations: Operations::default(),
         });
         let mut auto = Vec::new();
-        for def in defs {
+        for def in sorted(defs, |d| d.created_at.clone()) {
             if def.auto_start {
                 auto.push(def.id.to_string());
             }
@@ -255,10 +303,16 @@ impl Manager {
             )));
         }
         self.kernel(&spec.boot.kernel)?;
-        if spec.boot.initrd.is_some() {
+        if let Some(i) = &spec.boot.initrd {
+            self.initrd(i)?;
+        }
+        if spec.disks.len() + spec.network_interfaces.len() > crate::config::MAX_VIRTIO_DEVICES {
             return Err(invalid(
-                "boot.initrd",
-                "no initrd images are registered yet",
+                "disks",
+                format!(
+                    "at most {} disks and NICs together",
+                    crate::config::MAX_VIRTIO_DEVICES
+                ),
             ));
         }
         let mut nics = Vec::new();
@@ -295,6 +349,7 @@ impl Manager {
             vcpus: spec.vcpus as u8,
             memory,
             boot: spec.boot.clone(),
+            disks: Vec::new(),
             network_interfaces: nics,
             auto_start: spec.auto_start,
             created_at: t.clone(),
@@ -303,15 +358,181 @@ impl Manager {
         })
     }
 
-    fn kernel(&self, name: &str) -> Result<KernelImage, ManagerError> {
-        if name == PROBE_IMAGE {
-            Ok(KernelImage::Bytes(self.probe.clone()))
-        } else {
-            Err(invalid(
-                "boot.kernel",
-                format!("no image named {name:?} (only {PROBE_IMAGE} is registered)"),
-            ))
+    /// The image of `kind` named `key`, for the field `field`.
+    fn boot_image(&self, key: &str, kind: ImageKind, field: &str) -> Result<Image, ManagerError> {
+        let img = self
+            .find_image(key)
+            .map_err(|_| invalid(field, format!("no image named {key:?}; see GET /v1/images")))?;
+        if img.kind != kind {
+            return Err(invalid(
+                field,
+                format!("image {} is a {}, not a {kind}", img.name, img.kind),
+            ));
         }
+        Ok(img)
+    }
+
+    fn kernel(&self, key: &str) -> Result<KernelImage, ManagerError> {
+        let img = self.boot_image(key, ImageKind::Kernel, "boot.kernel")?;
+        Ok(match img.path {
+            None => KernelImage::Bytes(self.probe.clone()),
+            Some(p) => KernelImage::File(p),
+        })
+    }
+
+    fn initrd(&self, key: &str) -> Result<PathBuf, ManagerError> {
+        let img = self.boot_image(key, ImageKind::Initrd, "boot.initrd")?;
+        img.path
+            .ok_or_else(|| invalid("boot.initrd", format!("image {} has no file", img.name)))
+    }
+
+    /// Resolves the disks of a create request: existing ones must be free; new ones are made
+    /// (and returned, so that they can be removed if the instance is not created).
+    fn resolve_disks(
+        &self,
+        spec: &[DiskSpec],
+        made: &mut Vec<Uuid>,
+    ) -> Result<Vec<AttachedDisk>, ManagerError> {
+        let mut out: Vec<AttachedDisk> = Vec::new();
+        for (i, d) in spec.iter().enumerate() {
+            let a = match d {
+                DiskSpec::Existing(e) => {
+                    let disk = self.disk(&e.disk).map_err(|_| {
+                        invalid(
+                            &format!("disks[{i}].disk"),
+                            format!("no disk named {:?}", e.disk),
+                        )
+                    })?;
+                    if let Some(inst) = disk.attached_to {
+                        return Err(ManagerError::InUse(format!(
+                            "disk {} is already attached to instance {inst}",
+                            disk.def.name
+                        )));
+                    }
+                    AttachedDisk {
+                        id: disk.def.id,
+                        disk: disk.def.name,
+                        read_only: e.read_only,
+                    }
+                }
+                DiskSpec::Create(n) => {
+                    let disk =
+                        self.create_disk_locked(n.create.clone(), &format!("disks[{i}].create."))?;
+                    made.push(disk.def.id);
+                    AttachedDisk {
+                        id: disk.def.id,
+                        disk: disk.def.name,
+                        read_only: n.read_only,
+                    }
+                }
+            };
+            if out.iter().any(|x| x.id == a.id) {
+                return Err(invalid(
+                    &format!("disks[{i}]"),
+                    format!("disk {} is listed twice", a.disk),
+                ));
+            }
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// Refuses unless the instance is stopped or failed.
+    fn check_stopped(&self, e: &Entry, what: &'static str) -> Result<(), ManagerError> {
+        let state = lock(&e.rt).state;
+        if matches!(state, InstanceState::Stopped | InstanceState::Failed) {
+            Ok(())
+        } else {
+            Err(ManagerError::InvalidState {
+                name: lock(&e.def).name.clone(),
+                state,
+                hint: match what {
+                    "attach a disk" => "stop it to attach a disk",
+                    "detach a disk" => "stop it to detach a disk",
+                    _ => "stop it first",
+                },
+            })
+        }
+    }
+
+    /// Saves a changed definition (bumping its generation) and makes it current.
+    fn save_instance(&self, e: &Entry, mut def: InstanceDef) -> Result<(), ManagerError> {
+        def.generation += 1;
+        def.updated_at = now();
+        self.store
+            .save(def.id, &def)
+            .map_err(|err| ManagerError::Internal(format!("saving the definition: {err}")))?;
+        let resource = format!("/v1/instances/{}", def.id);
+        *lock(&e.def) = def;
+        self.events.push(
+            "instance.updated",
+            resource,
+            lock(&e.rt).state.to_string(),
+            None,
+        );
+        Ok(())
+    }
+
+    /// Changes an instance's name, description or auto-start; vCPUs and memory only while it
+    /// is stopped. With `if_match`, only when the ETag still matches.
+    pub fn patch(
+        &self,
+        key: &str,
+        patch: InstancePatch,
+        if_match: Option<&str>,
+    ) -> Result<Instance, ManagerError> {
+        let _changes = lock(&self.changes);
+        let e = self.find(key)?;
+        let cur = e.view();
+        if let Some(tag) = if_match {
+            if tag != "*" && tag != cur.etag() {
+                return Err(ManagerError::PreconditionFailed(cur.etag()));
+            }
+        }
+        let mut def = cur.def.clone();
+        if let Some(name) = patch.name {
+            if name != def.name {
+                check_name(&name).map_err(|m| invalid("name", m))?;
+                if lock(&self.entries)
+                    .iter()
+                    .any(|x| lock(&x.def).name == name)
+                {
+                    return Err(ManagerError::AlreadyExists("instance", name));
+                }
+                def.name = name;
+            }
+        }
+        if let Some(d) = patch.description {
+            def.description = d;
+        }
+        if let Some(a) = patch.auto_start {
+            def.auto_start = a;
+        }
+        if patch.vcpus.is_some() || patch.memory.is_some() {
+            if !matches!(cur.state, InstanceState::Stopped | InstanceState::Failed) {
+                return Err(ManagerError::InvalidState {
+                    name: def.name,
+                    state: cur.state,
+                    hint: "vcpus and memory change only while it is stopped",
+                });
+            }
+            let probe = InstanceCreate {
+                name: def.name.clone(),
+                description: String::new(),
+                vcpus: patch.vcpus.unwrap_or(u32::from(def.vcpus)),
+                memory: patch.memory.clone().unwrap_or(Size::Bytes(def.memory)),
+                boot: def.boot.clone(),
+                disks: Vec::new(),
+                network_interfaces: Vec::new(),
+                auto_start: false,
+                start: false,
+            };
+            let checked = self.definition(&probe)?;
+            def.vcpus = checked.vcpus;
+            def.memory = checked.memory;
+        }
+        self.save_instance(&e, def)?;
+        Ok(e.view())
     }
 
     /// Creates an instance (stopped); with `start` it also starts it and returns the operation.
@@ -319,16 +540,32 @@ impl Manager {
         self: &Arc<Self>,
         spec: InstanceCreate,
     ) -> Result<(Instance, Option<Operation>), ManagerError> {
-        let def = self.definition(&spec)?;
+        let mut def = self.definition(&spec)?;
         {
-            let mut entries = lock(&self.entries);
-            if entries.iter().any(|e| lock(&e.def).name == def.name) {
-                return Err(ManagerError::AlreadyExists(def.name));
+            let _changes = lock(&self.changes);
+            if lock(&self.entries)
+                .iter()
+                .any(|e| lock(&e.def).name == def.name)
+            {
+                return Err(ManagerError::AlreadyExists("instance", def.name));
             }
-            self.store
-                .save(def.id, &def)
-                .map_err(|e| ManagerError::Internal(format!("saving the definition: {e}")))?;
-            entries.push(Arc::new(Entry::new(def.clone())));
+            // Disks made for this instance are removed again if it cannot be created.
+            let mut made = Vec::new();
+            let r = self
+                .resolve_disks(&spec.disks, &mut made)
+                .and_then(|disks| {
+                    def.disks = disks;
+                    self.store
+                        .save(def.id, &def)
+                        .map_err(|e| ManagerError::Internal(format!("saving the definition: {e}")))
+                });
+            if let Err(e) = r {
+                for id in made {
+                    let _ = self.delete_disk_locked(&id.to_string());
+                }
+                return Err(e);
+            }
+            lock(&self.entries).push(Arc::new(Entry::new(def.clone())));
         }
         let key = def.id.to_string();
         self.events.push(
@@ -570,6 +807,28 @@ impl Manager {
             Ok(k) => k,
             Err(err) => return fail(err.to_string()),
         };
+        let initrd = match def
+            .boot
+            .initrd
+            .as_deref()
+            .map(|i| self.initrd(i))
+            .transpose()
+        {
+            Ok(i) => i,
+            Err(err) => return fail(err.to_string()),
+        };
+        let mut disks = Vec::new();
+        for a in &def.disks {
+            match self.disk(&a.id.to_string()) {
+                Ok(d) => disks.push(DiskConfig {
+                    path: self.disk_path(&d.def),
+                    read_only: a.read_only,
+                    serial: d.def.name.chars().take(20).collect(),
+                    backing_dirs: self.open_options().allowed_dirs,
+                }),
+                Err(err) => return fail(err.to_string()),
+            }
+        }
         let nets = def
             .network_interfaces
             .iter()
@@ -582,9 +841,9 @@ impl Manager {
             vcpus: def.vcpus,
             memory: def.memory,
             kernel,
-            initrd: None,
+            initrd,
             cmdline: def.boot.cmdline.clone(),
-            disks: Vec::new(),
+            disks,
             nets,
         };
         let mut fds = [0; 2];
@@ -680,4 +939,10 @@ impl Manager {
             self.hard_stop(&e);
         }
     }
+}
+
+/// `v` ordered by `key` (definitions load in directory order).
+fn sorted<T, K: Ord>(mut v: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
+    v.sort_by_key(|x| key(x));
+    v
 }

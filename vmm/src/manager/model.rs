@@ -89,6 +89,71 @@ pub struct Nic {
     pub mac: String,
 }
 
+/// A disk attached to an instance.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachedDisk {
+    /// The disk's id.
+    pub id: Uuid,
+    /// The disk's name.
+    pub disk: String,
+    /// The guest may not write.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// A disk entry of a create request: an existing disk, or a new one made on the spot.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum DiskSpec {
+    /// Attach an existing disk.
+    Existing(ExistingDisk),
+    /// Create a disk and attach it.
+    Create(NewDisk),
+}
+
+/// `{"disk": "name or id", "read_only": false}`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExistingDisk {
+    /// The disk.
+    pub disk: String,
+    /// The guest may not write.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `{"create": {disk create body}, "read_only": false}`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDisk {
+    /// The body of `POST /v1/disks`.
+    pub create: super::disks::DiskCreate,
+    /// The guest may not write.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// The body of `PATCH /v1/instances/{instance}`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstancePatch {
+    /// New name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// New description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// vCPUs (only while stopped).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory (only while stopped).
+    #[serde(default)]
+    pub memory: Option<Size>,
+    /// Start again when `kiln serve` starts.
+    #[serde(default)]
+    pub auto_start: Option<bool>,
+}
+
 /// The body of a create request.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +169,9 @@ pub struct InstanceCreate {
     pub memory: Size,
     /// How it boots.
     pub boot: BootSpec,
+    /// Disks to attach (or create and attach).
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
     /// NICs.
     #[serde(default)]
     pub network_interfaces: Vec<NicSpec>,
@@ -130,6 +198,9 @@ pub struct InstanceDef {
     pub memory: u64,
     /// How it boots.
     pub boot: BootSpec,
+    /// Attached disks, in the order the guest finds them.
+    #[serde(default)]
+    pub disks: Vec<AttachedDisk>,
     /// NICs.
     pub network_interfaces: Vec<Nic>,
     /// Start again when `kiln serve` starts.
