@@ -1,0 +1,225 @@
+//! `kiln serve --listen ADDR:PORT --token-file FILE`: the API on TCP (loopback here), every
+//! request with `Authorization: Bearer <token>`; none without a token file.
+
+mod common;
+
+use common::server::Server;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Method, Request};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// `kiln serve` with `extra` arguments, once it accepts connections: the harness waits for the
+/// socket file, which appears at bind(), a moment before listen().
+fn start_server(dir: &std::path::Path, extra: &[&str]) -> Server {
+    let s = Server::start_with(dir, extra);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&s.socket).is_err() {
+        assert!(
+            std::time::Instant::now() < end,
+            "kiln serve does not accept"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    s
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One request over TCP, with `authorization` if given; status, headers and body text.
+fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    authorization: Option<&str>,
+    body: &str,
+) -> (u16, HeaderMap, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string())
+            .header("content-type", "application/json");
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    })
+}
+
+/// Waits until something accepts on `addr` (at most 10 s).
+fn wait_listening(addr: SocketAddr) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < end, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Checks a 401 in the error shape of API.md, with a request id matching the header.
+fn assert_unauthorized(status: u16, headers: &HeaderMap, text: &str) {
+    assert_eq!(status, 401, "{text}");
+    let e: Value = serde_json::from_str(text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    assert_eq!(e["error"]["code"], "unauthorized", "{e}");
+    assert!(
+        !e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{e}"
+    );
+    let id = headers
+        .get("x-request-id")
+        .expect("x-request-id")
+        .to_str()
+        .unwrap();
+    assert_eq!(e["error"]["request_id"], id, "{e}");
+    assert_eq!(e.as_object().map(|o| o.len()), Some(1), "only `error`: {e}");
+}
+
+#[test]
+fn tcp_needs_the_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "k1ln-t0ken-for-tests";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let s = start_server(
+        dir.path(),
+        &[
+            "--listen",
+            &addr.to_string(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    wait_listening(addr);
+
+    // No Authorization header: 401 before anything else, whatever the path or body.
+    let (st, h, text) = call(addr, Method::GET, "/v1/instances", None, "");
+    assert_unauthorized(st, &h, &text);
+    let (st, h, text) = call(addr, Method::POST, "/v1/instances", None, "{not json");
+    assert_unauthorized(st, &h, &text);
+    let (st, h, text) = call(addr, Method::GET, "/no/such/path", None, "");
+    assert_unauthorized(st, &h, &text);
+
+    // Wrong tokens, other schemes, the token without a scheme.
+    for bad in [
+        "Bearer wrong",
+        &format!("Bearer {token}x"),
+        &format!("Basic {token}"),
+        token,
+        "Bearer ",
+    ] {
+        let (st, h, text) = call(addr, Method::GET, "/v1/instances", Some(bad), "");
+        assert_unauthorized(st, &h, &text);
+    }
+
+    // The right token: served as on the Unix socket.
+    let auth = format!("Bearer {token}");
+    let (st, h, text) = call(addr, Method::GET, "/v1/instances", Some(&auth), "");
+    assert_eq!(st, 200, "{text}");
+    assert!(h.contains_key("x-request-id"));
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap(),
+        Value::Array(vec![])
+    );
+    let (st, _, text) = call(addr, Method::GET, "/v1", Some(&auth), "");
+    assert_eq!(st, 200, "{text}");
+    let (st, _, text) = call(addr, Method::GET, "/v1/nope", Some(&auth), "");
+    assert_eq!(
+        st, 404,
+        "authenticated requests get the usual errors: {text}"
+    );
+
+    // The Unix socket needs no token.
+    let (st, _) = s.json(Method::GET, "/v1/instances", Value::Null);
+    assert_eq!(st, 200);
+}
+
+/// What `kiln serve` printed and how it ended, when it refuses to start.
+fn refused(dir: &std::path::Path, extra: &[&str]) -> (Option<i32>, String) {
+    common::require_kvm();
+    let socket = dir.join("kiln.sock");
+    let mut args = vec!["serve", "--socket", socket.to_str().unwrap()];
+    let state = dir.join("state");
+    args.extend(["--state-dir", state.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let r = common::run_kiln(&args, Duration::from_secs(20));
+    assert!(
+        !r.timed_out,
+        "kiln serve must refuse, not serve: {}",
+        r.dump()
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.dump());
+    assert!(
+        !socket.exists(),
+        "nothing may be left listening: {}",
+        r.dump()
+    );
+    (r.status, r.stderr)
+}
+
+#[test]
+fn tcp_without_a_usable_token_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+
+    // No --token-file at all: refused by the argument parser (a usage error, status 2).
+    let (status, stderr) = refused(dir.path(), &["--listen", &addr]);
+    assert_eq!(status, Some(2), "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains("--token-file"), "{stderr}");
+
+    // A token file that is missing or empty.
+    let missing = dir.path().join("missing");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    for (file, why) in [(&missing, "cannot read token file"), (&empty, "is empty")] {
+        let (status, stderr) = refused(
+            dir.path(),
+            &["--listen", &addr, "--token-file", file.to_str().unwrap()],
+        );
+        assert_eq!(status, Some(1), "{stderr}");
+        let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one line expected:\n{stderr}");
+        assert!(
+            lines[0].contains("refusing to listen on TCP") && lines[0].contains(why),
+            "{stderr}"
+        );
+    }
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "nothing listens on {addr}"
+    );
+}
