@@ -27,6 +27,27 @@ pub trait DiskBackend: Send {
 
     /// Whether the disk was opened read-only (writes then fail with [`crate::Error::ReadOnly`]).
     fn read_only(&self) -> bool;
+
+    /// What the bytes from `offset` are, as far as the backend knows without reading them,
+    /// and how many bytes from `offset` share that answer (at least 1 and at most `len`, or
+    /// 0 when `len` is 0). [`Extent::Zero`] is a promise that the bytes read as zeros;
+    /// [`Extent::Data`] promises nothing (the bytes may be zeros too).
+    ///
+    /// Copies use this to skip holes without reading them. The default answers
+    /// [`Extent::Data`] for the whole range.
+    fn extent(&mut self, offset: u64, len: u64) -> Result<(Extent, u64)> {
+        check_range(offset, len, self.size())?;
+        Ok((Extent::Data, len))
+    }
+}
+
+/// The answer of [`DiskBackend::extent`] about a range of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// The bytes may hold anything: read them to know.
+    Data,
+    /// The bytes read as zeros (a hole, a zero cluster, unallocated space).
+    Zero,
 }
 
 /// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.

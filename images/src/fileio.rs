@@ -65,3 +65,55 @@ pub(crate) fn write_zeros_plain(file: &File, offset: u64, len: u64) -> io::Resul
     }
     Ok(())
 }
+
+/// Whether the range `[offset, limit)` of `file` starts with data or with a hole, and where
+/// that data or hole ends (at most `limit`, more than `offset`), by `SEEK_DATA`/`SEEK_HOLE`.
+/// Bytes past the end of the file count as a hole. When the file system cannot tell, the
+/// whole range is data. Requires `offset < limit`.
+pub(crate) fn file_extent(file: &File, offset: u64, limit: u64) -> (bool, u64) {
+    use rustix::fs::{seek, SeekFrom};
+    match seek(file, SeekFrom::Data(offset)) {
+        Ok(d) if d > offset => (false, d.min(limit)),
+        Ok(_) => match seek(file, SeekFrom::Hole(offset)) {
+            Ok(h) if h > offset => (true, h.min(limit)),
+            _ => (true, limit),
+        },
+        // No data at or after `offset`: a hole up to the end of the file and past it.
+        Err(rustix::io::Errno::NXIO) => (false, limit),
+        Err(_) => (true, limit),
+    }
+}
+
+/// Block size of sparse writes: all-zero blocks of this size are not written.
+pub(crate) const SPARSE_BLOCK: usize = 4096;
+
+/// Whether every byte of `buf` is zero.
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    // An OR over each block without early exit vectorizes; the exit is per block.
+    buf.chunks(SPARSE_BLOCK)
+        .all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// Writes `buf` at `offset`, leaving out the [`SPARSE_BLOCK`]-sized blocks (aligned to the
+/// file offset) that are all zeros, so that a sparse file keeps its holes there. The caller
+/// sets the file's length.
+pub(crate) fn write_sparse(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut pos = 0usize;
+    let mut run: Option<usize> = None;
+    while pos < buf.len() {
+        let block_end = ((offset + pos as u64) / SPARSE_BLOCK as u64 + 1) * SPARSE_BLOCK as u64;
+        let end = ((block_end - offset) as usize).min(buf.len());
+        if is_zero(&buf[pos..end]) {
+            if let Some(start) = run.take() {
+                file.write_all_at(&buf[start..pos], offset + start as u64)?;
+            }
+        } else if run.is_none() {
+            run = Some(pos);
+        }
+        pos = end;
+    }
+    if let Some(start) = run {
+        file.write_all_at(&buf[start..], offset + start as u64)?;
+    }
+    Ok(())
+}

@@ -5,6 +5,25 @@
 //! clusters). Both implement [`DiskBackend`]. [`open_disk`] opens either after
 //! [`detect_format`]. Hostile images are refused with an [`Error`] when they are opened.
 //!
+//! Whole-image operations, for a store of disks and images:
+//!
+//! | function | does |
+//! |---|---|
+//! | [`info`] | format, virtual size, space used, backing file (validating the image) |
+//! | [`create_blank`] | a new disk that reads as zeros: sparse raw, or qcow2 with nothing allocated |
+//! | [`create_overlay`] | a new qcow2 disk on a backing file (stored as an absolute path) |
+//! | [`grow`] | grows either format; never shrinks |
+//! | [`copy_to_raw`] | an independent raw copy: a reflink, or the data extents only (holes kept) |
+//! | [`clone_image`] | an independent copy in either format, backing chains flattened |
+//! | [`import`] | a new disk from a raw or qcow2 byte stream of unknown length |
+//! | [`export`] | a disk as a raw or qcow2 byte stream, written strictly sequentially |
+//!
+//! They refuse destinations that exist and leave nothing behind when they fail. Copies and
+//! exports skip what [`DiskBackend::extent`] knows to read as zeros, and never allocate
+//! blocks (raw) or clusters (qcow2) that are all zeros. New qcow2 images are version 3 with
+//! 64 KiB clusters. Memory stays bounded whatever the size of the disk: buffers of 1 MiB,
+//! and for qcow2 results a bitmap of the clusters that hold data.
+//!
 //! This crate's directory also holds the probe guest (`probe/`) and the distro-guest recipe
 //! (`guest/`).
 
@@ -13,6 +32,7 @@
 mod backend;
 mod error;
 mod fileio;
+mod ops;
 pub mod qcow2;
 mod raw;
 
@@ -20,8 +40,12 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-pub use backend::DiskBackend;
+pub use backend::{DiskBackend, Extent};
 pub use error::{Error, Result};
+pub use ops::{
+    clone_image, copy_to_raw, create_blank, create_overlay, export, grow, import, info, ImageInfo,
+    ImportSummary,
+};
 pub use qcow2::Qcow2Disk;
 pub use raw::RawDisk;
 

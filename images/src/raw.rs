@@ -5,7 +5,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::backend::{check_range, DiskBackend};
+use crate::backend::{check_range, DiskBackend, Extent};
 use crate::error::{Error, Result};
 use crate::fileio;
 
@@ -83,6 +83,11 @@ impl RawDisk {
         &self.path
     }
 
+    /// The open image file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     fn io_err(&self, what: &str, e: io::Error) -> Error {
         Error::io(format!("{what} raw image {}", self.path.display()), e)
     }
@@ -141,5 +146,14 @@ impl DiskBackend for RawDisk {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn extent(&mut self, offset: u64, len: u64) -> Result<(Extent, u64)> {
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok((Extent::Data, 0));
+        }
+        let (data, end) = fileio::file_extent(&self.file, offset, offset + len);
+        Ok((if data { Extent::Data } else { Extent::Zero }, end - offset))
     }
 }

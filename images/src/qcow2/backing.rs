@@ -10,14 +10,14 @@ use crate::{detect_format, DiskBackend, Format, OpenOptions, RawDisk};
 /// Opens the backing file `name` of the image at `image` (a canonical path), read-only.
 ///
 /// `chain` holds the canonical paths of the images above it, top first; the backing file is
-/// pushed onto it.
+/// pushed onto it. Returns the open backing file, its canonical path and its format.
 pub(crate) fn open_backing(
     image: &Path,
     name: &str,
     format: Option<&str>,
     opts: &OpenOptions,
     chain: &mut Vec<PathBuf>,
-) -> Result<Box<dyn DiskBackend>> {
+) -> Result<(Box<dyn DiskBackend>, PathBuf, Format)> {
     let refuse = |reason: String| Error::Backing {
         path: image.to_path_buf(),
         reason,
@@ -72,8 +72,9 @@ pub(crate) fn open_backing(
         None => detect_format(&resolved)?,
     };
     chain.push(resolved.clone());
-    Ok(match format {
+    let disk: Box<dyn DiskBackend> = match format {
         Format::Raw => Box::new(RawDisk::open(&resolved, true)?),
         Format::Qcow2 => Box::new(Qcow2Disk::open_in_chain(&resolved, true, opts, chain)?),
-    })
+    };
+    Ok((disk, resolved, format))
 }

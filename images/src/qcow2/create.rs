@@ -42,7 +42,8 @@ impl Qcow2Disk {
                 "virtual size {size} needs an L1 table larger than {MAX_L1_BYTES} bytes with {cs}-byte clusters"
             )));
         }
-        let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
+        // An empty disk has no L1 table at all, as QEMU makes it (growing it allocates one).
+        let l1_clusters = (l1_size * 8).div_ceil(cs);
         let per_block = cs * 8 / (1 << NEW_REFCOUNT_ORDER);
         // Layout: header, refcount table, refcount blocks, L1 table.
         let (mut rt_clusters, mut blocks) = (1u64, 1u64);
@@ -74,7 +75,11 @@ impl Qcow2Disk {
             cluster_bits,
             size,
             l1_size: l1_size as u32,
-            l1_table_offset: (1 + rt_clusters + blocks) * cs,
+            l1_table_offset: if l1_size == 0 {
+                0
+            } else {
+                (1 + rt_clusters + blocks) * cs
+            },
             refcount_table_offset: cs,
             refcount_table_clusters: rt_clusters as u32,
             nb_snapshots: 0,

@@ -20,15 +20,16 @@ mod header;
 mod l2;
 mod refcount;
 mod resize;
+pub(crate) mod stream;
 mod write;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::backend::{check_range, DiskBackend};
+use crate::backend::{check_range, DiskBackend, Extent};
 use crate::error::{Error, Result};
-use crate::{fileio, OpenOptions};
+use crate::{fileio, Format, OpenOptions};
 pub use header::MAGIC;
 use header::{Header, OFF_AUTOCLEAR};
 use l2::{Cluster, L2Cache, OFFSET_MASK};
@@ -46,6 +47,26 @@ const MAX_PENDING_FREES: usize = 4096;
 /// Largest zero buffer used when zeros must be written as data.
 const ZERO_CHUNK: u64 = 1 << 20;
 
+/// Reads and validates the header of the qcow2 image at `path` and returns the name of the
+/// backing file it names, if any, without opening anything else.
+pub(crate) fn stored_backing_name(path: &Path) -> Result<Option<String>> {
+    let file = File::open(path)
+        .map_err(|e| Error::io(format!("opening qcow2 image {}", path.display()), e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("reading metadata of {}", path.display()), e))?
+        .len();
+    Ok(Header::read(&file, len, path)?.backing_file)
+}
+
+/// How one layer of a chain maps a guest cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    Data,
+    Zero,
+    Unallocated,
+}
+
 /// An open qcow2 image.
 pub struct Qcow2Disk {
     path: PathBuf,
@@ -60,6 +81,8 @@ pub struct Qcow2Disk {
     rc: Refcounts,
     backing: Option<Box<dyn DiskBackend>>,
     backing_name: Option<String>,
+    /// The backing file's canonical path and format, when there is one.
+    backing_resolved: Option<(PathBuf, Format)>,
     /// The last decompressed cluster, keyed by its L2 entry.
     zcache: Option<(u64, Vec<u8>)>,
 }
@@ -156,15 +179,13 @@ impl Qcow2Disk {
             hdr.refcount_order,
         )?;
 
-        let backing = match &hdr.backing_file {
-            Some(name) => Some(backing::open_backing(
-                path,
-                name,
-                hdr.backing_format.as_deref(),
-                opts,
-                chain,
-            )?),
-            None => None,
+        let (backing, backing_resolved) = match &hdr.backing_file {
+            Some(name) => {
+                let (disk, resolved, format) =
+                    backing::open_backing(path, name, hdr.backing_format.as_deref(), opts, chain)?;
+                (Some(disk), Some((resolved, format)))
+            }
+            None => (None, None),
         };
 
         if !read_only && hdr.version == 3 && hdr.autoclear_features != 0 {
@@ -186,6 +207,7 @@ impl Qcow2Disk {
             rc,
             backing,
             backing_name: hdr.backing_file,
+            backing_resolved,
             zcache: None,
         })
     }
@@ -205,8 +227,47 @@ impl Qcow2Disk {
         self.backing_name.as_deref()
     }
 
+    /// The backing file's canonical path (as resolved when the image was opened), if any.
+    pub fn backing_path(&self) -> Option<&Path> {
+        self.backing_resolved.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// The backing file's format (as recorded in the image, or detected), if any.
+    pub fn backing_format(&self) -> Option<Format> {
+        self.backing_resolved.as_ref().map(|(_, f)| *f)
+    }
+
     fn io_err(&self, what: &str, e: std::io::Error) -> Error {
         Error::io(format!("{what} {}", self.path.display()), e)
+    }
+
+    /// What this image itself (not its backing file) maps the bytes from `offset` to, and
+    /// where the run of clusters mapped the same way ends (at most `end`).
+    fn layer_run(&mut self, offset: u64, end: u64) -> Result<(Layer, u64)> {
+        let l2_bits = self.l2_bits();
+        let layer = |m: Cluster| match m {
+            Cluster::Data { .. } | Cluster::Compressed { .. } => Layer::Data,
+            Cluster::Zero { .. } => Layer::Zero,
+            Cluster::Unallocated => Layer::Unallocated,
+        };
+        let mut vc = offset >> self.cluster_bits;
+        let first = layer(self.lookup(vc)?.1);
+        loop {
+            // Without an L2 table, the whole range of the table is unallocated.
+            let next = if self.l2_offset(vc >> l2_bits) == 0 {
+                ((vc >> l2_bits) + 1) << l2_bits
+            } else {
+                vc + 1
+            };
+            let next_pos = next << self.cluster_bits;
+            if next_pos >= end {
+                return Ok((first, end));
+            }
+            vc = next;
+            if layer(self.lookup(vc)?.1) != first {
+                return Ok((first, next_pos));
+            }
+        }
     }
 
     fn corrupt(&self, reason: String) -> Error {
@@ -403,6 +464,30 @@ impl DiskBackend for Qcow2Disk {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn extent(&mut self, offset: u64, len: u64) -> Result<(Extent, u64)> {
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok((Extent::Data, 0));
+        }
+        let (layer, run_end) = self.layer_run(offset, offset + len)?;
+        let n = run_end - offset;
+        Ok(match layer {
+            Layer::Data => (Extent::Data, n),
+            Layer::Zero => (Extent::Zero, n),
+            Layer::Unallocated => match self.backing.as_mut() {
+                None => (Extent::Zero, n),
+                Some(b) => {
+                    let bsize = b.size();
+                    if offset >= bsize {
+                        (Extent::Zero, n)
+                    } else {
+                        b.extent(offset, n.min(bsize - offset))?
+                    }
+                }
+            },
+        })
     }
 }
 
