@@ -84,3 +84,51 @@ pub fn p(dir: &Path, name: &str) -> PathBuf {
 pub fn s(path: &Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// Writes a sparse raw file of `size` bytes holding `pieces` (offset, length, seed) of
+/// pseudo-random data, and returns its content.
+pub fn sparse_raw(path: &Path, size: u64, pieces: &[(u64, usize, u64)]) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut model = vec![0u8; size as usize];
+    for &(off, len, seed) in pieces {
+        let data = pattern(seed, len);
+        f.write_all_at(&data, off).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    model
+}
+
+/// The space a file takes on disk (st_blocks × 512).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// The names in a directory, sorted.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `qemu-img info` as JSON text.
+pub fn qemu_info(path: &Path) -> String {
+    let out = qemu_img(&["info", "--output=json", s(path)]);
+    assert!(out.status.success(), "qemu-img info: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes a qcow2 copy of a raw file with `qemu-img convert` and the extra options given.
+pub fn qemu_convert(src: &Path, dst: &Path, extra: &[&str]) {
+    let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+    args.extend_from_slice(extra);
+    args.push(s(src));
+    args.push(s(dst));
+    let out = qemu_img(&args);
+    assert!(out.status.success(), "convert failed: {}", text(&out));
+}
