@@ -10,8 +10,9 @@ use crate::Format;
 
 impl Qcow2Disk {
     /// Creates a new, empty version 3 image of `size` bytes (rounded up to a multiple of 512)
-    /// with clusters of `1 << cluster_bits` bytes ([`DEFAULT_CLUSTER_BITS`] is the usual
-    /// choice), optionally on top of a backing file. The backing path is stored as given: a
+    /// with clusters of `1 << cluster_bits` bytes
+    /// ([`DEFAULT_CLUSTER_BITS`](super::DEFAULT_CLUSTER_BITS) is the usual choice),
+    /// optionally on top of a backing file. The backing path is stored as given: a
     /// relative path is taken relative to the new image's directory when it is opened. Fails
     /// if `path` exists. Open the image with [`Qcow2Disk::open`].
     pub fn create(
