@@ -20,7 +20,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln")]
     state_dir: PathBuf,
     /// Also serve on TCP (needs --token-file; every request needs the bearer token).
-    #[arg(long, value_name = "ADDR:PORT", requires = "token_file")]
+    #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<SocketAddr>,
     /// File holding the bearer token for --listen.
     #[arg(long, value_name = "FILE")]
@@ -31,6 +31,44 @@ pub struct ServeArgs {
 }
 
 pub fn serve(args: ServeArgs) -> i32 {
+    if args.listen.is_some() && args.token_file.is_none() {
+        eprintln!("kiln: --listen needs --token-file FILE (TCP is never served without a token)");
+        return 2;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return 1;
+        }
+    };
+    // Listeners first: a bad token file or a busy address stops kiln before any instance
+    // (auto_start) is touched.
+    let listeners = rt.block_on(async {
+        let unix = api::UnixServer::bind(&args.socket)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tcp = match (args.listen, &args.token_file) {
+            (Some(addr), Some(token)) => Some(
+                api::TcpServer::bind(addr, token)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            _ => None,
+        };
+        Ok::<_, String>((unix, tcp))
+    });
+    let (unix, tcp) = match listeners {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return 1;
+        }
+    };
     let host = match Host::open() {
         Ok(h) => Arc::new(h),
         Err(e) => {
@@ -61,17 +99,6 @@ pub fn serve(args: ServeArgs) -> i32 {
             return 1;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("kiln: {e}");
-            return 1;
-        }
-    };
     let metrics = Metrics::new();
     metrics.register_vmm(&manager);
     let state = AppState::new(info, metrics).with_manager(manager.clone());
@@ -79,17 +106,6 @@ pub fn serve(args: ServeArgs) -> i32 {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let shutdown = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
-        };
-        let unix = api::UnixServer::bind(&args.socket)
-            .await
-            .map_err(|e| e.to_string())?;
-        let tcp = match (args.listen, &args.token_file) {
-            (Some(addr), Some(token)) => Some(
-                api::TcpServer::bind(addr, token)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            ),
-            _ => None,
         };
         tracing::info!("serving on {}", args.socket.display());
         let mut tasks = vec![tokio::spawn(

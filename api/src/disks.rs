@@ -15,22 +15,29 @@ use vmm::manager::{DiskCreate, DiskPatch, ImageCreate};
 use crate::error::{ApiError, ErrorBody};
 use crate::instances::{blocking, if_match, with_etag, Mgr};
 use crate::json::ApiJson;
+use crate::listing::{self, ListQuery};
 
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct NameQuery {
-    name: Option<String>,
-}
-
-#[utoipa::path(get, path = "/v1/disks", tag = "disks", params(NameQuery),
-    responses((status = 200, description = "The disks")))]
-pub(crate) async fn list(Mgr(m): Mgr, Query(q): Query<NameQuery>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/v1/disks", tag = "disks", params(ListQuery),
+    responses((status = 200, description = "The disks (a page of them with `limit`; the next page's token in `x-next-page-token`)")))]
+pub(crate) async fn list(
+    Mgr(m): Mgr,
+    Query(q): Query<ListQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let disks = blocking(move || Ok(m.disks())).await?;
     let items: Vec<_> = disks
         .into_iter()
+        .filter(|d| {
+            let state = if d.attached_to.is_some() {
+                "attached"
+            } else {
+                "detached"
+            };
+            q.state.as_deref().is_none_or(|s| s == state)
+        })
         .filter(|d| q.name.as_deref().is_none_or(|n| d.def.name == n))
         .collect();
-    Ok(Json(items).into_response())
+    listing::respond(items, &q, &headers)
 }
 
 #[utoipa::path(post, path = "/v1/disks", tag = "disks",
@@ -174,10 +181,19 @@ pub(crate) async fn export(
     Ok(r)
 }
 
-#[utoipa::path(get, path = "/v1/images", tag = "images",
+#[utoipa::path(get, path = "/v1/images", tag = "images", params(ListQuery),
     responses((status = 200, description = "The images, kiln-probe first")))]
-pub(crate) async fn images(Mgr(m): Mgr) -> Response {
-    Json(m.images()).into_response()
+pub(crate) async fn images(
+    Mgr(m): Mgr,
+    Query(q): Query<ListQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let items: Vec<_> = m
+        .images()
+        .into_iter()
+        .filter(|i| q.name.as_deref().is_none_or(|n| i.name == n))
+        .collect();
+    listing::respond(items, &q, &headers)
 }
 
 #[utoipa::path(post, path = "/v1/images", tag = "images",

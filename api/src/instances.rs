@@ -13,6 +13,7 @@ use vmm::manager::{Action, InstanceCreate, InstancePatch, Manager, ManagerError}
 
 use crate::error::{ApiError, ErrorBody};
 use crate::json::ApiJson;
+use crate::listing::{self, ListQuery};
 use crate::router::AppState;
 
 /// The manager, taken from the state (absent only in HTTP-only test servers).
@@ -61,23 +62,20 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("blocking task: {e}")))?
 }
 
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct ListQuery {
-    state: Option<String>,
-    name: Option<String>,
-}
-
 #[utoipa::path(get, path = "/v1/instances", tag = "instances", params(ListQuery),
-    responses((status = 200, description = "The instances")))]
-pub(crate) async fn list(Mgr(m): Mgr, Query(q): Query<ListQuery>) -> Response {
+    responses((status = 200, description = "The instances (a page of them with `limit`; the next page's token in `x-next-page-token`)")))]
+pub(crate) async fn list(
+    Mgr(m): Mgr,
+    Query(q): Query<ListQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let items: Vec<_> = m
         .list()
         .into_iter()
         .filter(|i| q.state.as_deref().is_none_or(|s| i.state.to_string() == s))
         .filter(|i| q.name.as_deref().is_none_or(|n| i.def.name == n))
         .collect();
-    Json(items).into_response()
+    listing::respond(items, &q, &headers)
 }
 
 #[utoipa::path(post, path = "/v1/instances", tag = "instances",
@@ -192,10 +190,33 @@ pub(crate) async fn console(
     Ok((headers, bytes).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/operations", tag = "operations",
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct OperationsQuery {
+    /// Only operations in this state.
+    state: Option<String>,
+    /// Only operations on this resource (`/v1/instances/{id}`).
+    resource: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/operations", tag = "operations", params(OperationsQuery),
     responses((status = 200, description = "Recent operations")))]
-pub(crate) async fn operations(Mgr(m): Mgr) -> Response {
-    Json(m.operations.list()).into_response()
+pub(crate) async fn operations(Mgr(m): Mgr, Query(q): Query<OperationsQuery>) -> Response {
+    let ops: Vec<_> = m
+        .operations
+        .list()
+        .into_iter()
+        .filter(|o| {
+            q.state.as_deref().is_none_or(|s| {
+                serde_json::to_value(o.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(|x| x == s))
+                    == Some(true)
+            })
+        })
+        .filter(|o| q.resource.as_deref().is_none_or(|r| o.resource == r))
+        .collect();
+    Json(ops).into_response()
 }
 
 fn op_id(id: &str) -> Result<Uuid, ApiError> {

@@ -21,6 +21,7 @@ mod error_shape;
 mod instances;
 pub mod json;
 pub mod listen;
+mod listing;
 pub mod metrics;
 pub mod openapi;
 pub mod request_id;

@@ -38,8 +38,9 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // The socket file appears just before the server accepts: wait for a connection.
         let end = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() && Instant::now() < end {
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(10));
         }
         Server {
@@ -104,6 +105,19 @@ impl Server {
             let bytes = resp.into_body().collect().await.unwrap().to_bytes();
             (status, bytes.to_vec())
         })
+    }
+
+    /// Writes `request` (a whole HTTP/1 request) as it is, ignoring a server that stops
+    /// reading early (as for a body over the limit), and returns the response text.
+    pub fn call_raw(&self, request: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.write_all(request);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// A JSON request with extra headers; returns status, headers and the parsed body.

@@ -12,7 +12,6 @@ use images::Format;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::image_ops;
 use super::images::ImageKind;
 use super::model::{check_name, now, Size};
 use super::{invalid, InstanceState, Manager, ManagerError};
@@ -320,8 +319,8 @@ impl Manager {
                 let format =
                     parse_format(spec.format.as_deref(), Format::Qcow2).map_err(with_field)?;
                 let path = self.image_path(&img);
-                let info = image_ops::info(&path, &opts)
-                    .map_err(|e| image_error(&f("source.image"), e))?;
+                let info =
+                    images::info(&path, &opts).map_err(|e| image_error(&f("source.image"), e))?;
                 let size = size.unwrap_or(info.virtual_size);
                 if size < info.virtual_size {
                     return Err(invalid(
@@ -369,15 +368,15 @@ impl Manager {
         let guard = FileGuard(Some(path.clone()));
         let fail = |e: images::Error| image_error(&f("source"), e);
         match (&source, src_path) {
-            (DiskSource::Blank, _) => image_ops::create_blank(&path, format, size).map_err(fail)?,
+            (DiskSource::Blank, _) => images::create_blank(&path, format, size).map_err(fail)?,
             (DiskSource::Image { .. }, Some(src)) if format == Format::Qcow2 => {
-                image_ops::create_overlay(&path, &src, Some(size), &opts).map_err(fail)?
+                images::create_overlay(&path, &src, Some(size), &opts).map_err(fail)?
             }
             (_, Some(src)) => {
-                image_ops::clone_image(&src, &path, format, &opts, &mut |_| {}).map_err(fail)?;
-                let have = image_ops::info(&path, &opts).map_err(fail)?.virtual_size;
+                images::clone_image(&src, &path, format, &opts, &mut |_| {}).map_err(fail)?;
+                let have = images::info(&path, &opts).map_err(fail)?.virtual_size;
                 if size > have {
-                    image_ops::grow(&path, size, &opts).map_err(fail)?;
+                    images::grow(&path, size, &opts).map_err(fail)?;
                 }
             }
             (_, None) => return Err(ManagerError::Internal("disk source without a file".into())),
@@ -412,7 +411,7 @@ impl Manager {
         let mut def = Self::new_def(&spec, format, 0, 512, DiskSource::Import);
         let path = self.disk_path(&def);
         let guard = FileGuard(Some(path.clone()));
-        let summary = image_ops::import(body, &path, format, &self.open_options(), progress)
+        let summary = images::import(body, &path, format, &self.open_options(), progress)
             .map_err(|e| image_error("body", e))?;
         def.size = summary.virtual_size;
         if def.size == 0 {
@@ -434,7 +433,7 @@ impl Manager {
         let def = self.find_disk(key)?;
         self.check_detached_or_stopped(&def, "export it")?;
         let format = parse_format(format, Format::Raw)?;
-        image_ops::export(
+        images::export(
             &self.disk_path(&def),
             format,
             out,
@@ -505,7 +504,7 @@ impl Manager {
                 )));
             }
             if size > def.size {
-                image_ops::grow(&self.disk_path(&def), size, &self.open_options())
+                images::grow(&self.disk_path(&def), size, &self.open_options())
                     .map_err(|e| image_error("size", e))?;
                 def.size = size;
             }
@@ -547,18 +546,6 @@ impl Manager {
                 def.name
             )));
         }
-        if let Some(other) = lock(&self.disks).iter().find(|d| {
-            d.source
-                == DiskSource::Disk {
-                    disk: def.id.to_string(),
-                }
-                && self.is_overlay_of(d, &def)
-        }) {
-            return Err(ManagerError::InUse(format!(
-                "disk {} is the backing file of disk {}",
-                def.name, other.name
-            )));
-        }
         self.disk_store
             .remove(def.id)
             .map_err(|e| ManagerError::Internal(format!("removing the disk definition: {e}")))?;
@@ -573,15 +560,7 @@ impl Manager {
         Ok(())
     }
 
-    /// Whether `d`'s file has `base`'s file as its backing file.
-    fn is_overlay_of(&self, d: &DiskDef, base: &DiskDef) -> bool {
-        image_ops::info(&self.disk_path(d), &self.open_options())
-            .ok()
-            .and_then(|i| i.backing)
-            .is_some_and(|b| b == self.disk_path(base))
-    }
-
-    /// Whether any disk is an overlay on the image file `path`.
+    /// The disk that is an overlay on the image `image_id`, if any (copies have no backing).
     pub(crate) fn image_in_use_by_disk(&self, image_id: Uuid) -> Option<String> {
         lock(&self.disks)
             .iter()

@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::disks::FileGuard;
-use super::image_ops;
 use super::model::{check_name, now};
 use super::{invalid, Manager, ManagerError, PROBE_IMAGE};
 
@@ -183,7 +182,7 @@ impl Manager {
     fn inspect(&self, kind: ImageKind, path: &Path) -> Result<(Option<String>, u64), ManagerError> {
         match kind {
             ImageKind::Disk => {
-                let info = image_ops::info(path, &self.open_options())
+                let info = images::info(path, &self.open_options())
                     .map_err(|e| invalid("path", e.to_string()))?;
                 Ok((Some(info.format.name().into()), info.virtual_size))
             }
@@ -268,7 +267,7 @@ impl Manager {
                     Format::Raw
                 };
                 let mut chained = std::io::Read::chain(&head[..got], body);
-                image_ops::import(
+                images::import(
                     &mut chained,
                     &path,
                     format,

@@ -4,7 +4,6 @@
 mod console;
 mod disks;
 mod events;
-mod image_ops;
 mod images;
 mod model;
 mod operations;

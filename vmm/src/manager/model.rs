@@ -286,7 +286,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Now, as RFC 3339 with seconds.
+/// Now, as RFC 3339 with milliseconds (definitions load in this order).
 pub fn now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }

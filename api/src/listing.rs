@@ -1,0 +1,97 @@
+//! Lists: the query options every list route shares (API.md) — `limit` and `page_token`
+//! (the next page's token comes in the `x-next-page-token` header), `fields=a,b` to keep only
+//! some fields, and `ndjson` (or `Accept: application/x-ndjson`) for one JSON object per line.
+
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// Largest page a client may ask for.
+const MAX_LIMIT: usize = 1000;
+
+/// The query options of a list.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only items in this state.
+    pub state: Option<String>,
+    /// Only the item with this name.
+    pub name: Option<String>,
+    /// At most this many items (1–1000).
+    pub limit: Option<usize>,
+    /// Where the previous page stopped (its `x-next-page-token` header).
+    pub page_token: Option<String>,
+    /// Comma-separated fields to keep (`id,name,state`).
+    pub fields: Option<String>,
+    /// One JSON object per line instead of an array.
+    #[serde(default)]
+    pub ndjson: bool,
+}
+
+/// Answers a list: pages it by id, projects fields and picks the output format.
+pub(crate) fn respond<T: Serialize>(
+    items: Vec<T>,
+    q: &ListQuery,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let mut values: Vec<Value> = items
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()
+        .map_err(ApiError::internal)?;
+    if let Some(token) = &q.page_token {
+        let at = values
+            .iter()
+            .position(|v| v["id"].as_str() == Some(token))
+            .ok_or_else(|| {
+                ApiError::invalid_value("page_token", "unknown token; start again without it")
+            })?;
+        values.drain(..=at);
+    }
+    let mut next = None;
+    if let Some(limit) = q.limit {
+        if !(1..=MAX_LIMIT).contains(&limit) {
+            return Err(ApiError::invalid_value(
+                "limit",
+                format!("must be 1 to {MAX_LIMIT}"),
+            ));
+        }
+        if values.len() > limit {
+            values.truncate(limit);
+            next = values
+                .last()
+                .and_then(|v| v["id"].as_str().map(String::from));
+        }
+    }
+    if let Some(fields) = &q.fields {
+        let keep: Vec<&str> = fields.split(',').map(str::trim).collect();
+        for v in &mut values {
+            if let Value::Object(m) = v {
+                m.retain(|k, _| keep.contains(&k.as_str()));
+            }
+        }
+    }
+    let ndjson = q.ndjson
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|a| a.to_str().ok())
+            .is_some_and(|a| a.contains("application/x-ndjson"));
+    let mut r = if ndjson {
+        let mut body = String::new();
+        for v in &values {
+            body.push_str(&v.to_string());
+            body.push('\n');
+        }
+        ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+    } else {
+        Json(values).into_response()
+    };
+    if let Some(n) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        r.headers_mut().insert("x-next-page-token", n);
+    }
+    Ok(r)
+}
