@@ -662,3 +662,62 @@ fn disks_and_images_survive_a_restart_of_kiln_serve() {
         "{e}"
     );
 }
+
+#[test]
+fn an_instance_boots_a_kernel_image_registered_from_an_image_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgdir = dir.path().join("kernels");
+    std::fs::create_dir(&imgdir).unwrap();
+    std::fs::copy(common::probe_linux64(), imgdir.join("probe64.elf")).unwrap();
+    let s = Server::start_with(dir.path(), &["--image-dir", imgdir.to_str().unwrap()]);
+    let (st, img) = s.json(
+        Method::POST,
+        "/v1/images",
+        json!({"name": "probe64", "kind": "kernel", "path": imgdir.join("probe64.elf")}),
+    );
+    assert_eq!(st, 201, "{img}");
+    // A kernel image is not a disk image, and an initrd must be an initrd.
+    let (st, e) = s.json(
+        Method::POST,
+        "/v1/disks",
+        json!({"name": "x", "source": {"type": "image", "image": "probe64"}}),
+    );
+    assert_eq!(st, 400, "{e}");
+    let body = json!({"name": "k", "vcpus": 1, "memory": "64MiB",
+        "boot": {"kernel": "probe64", "initrd": "probe64", "cmdline": "console=ttyS0 probe=poweroff"}});
+    let (st, e) = s.json(Method::POST, "/v1/instances", body);
+    assert_eq!(st, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("boot.initrd"),
+        "{e}"
+    );
+    let body = json!({"name": "k", "vcpus": 1, "memory": "64MiB",
+        "boot": {"kernel": "probe64", "cmdline": "console=ttyS0 probe=cmdline,poweroff"}});
+    assert_eq!(s.json(Method::POST, "/v1/instances", body).0, 201);
+    action(&s, "k", json!({"action": "start"}));
+    assert!(s.wait_state("k", "stopped"), "{}", s.console("k"));
+    let console = s.console("k");
+    assert!(
+        console.contains("PROBE-OK cmdline console=ttyS0 probe=cmdline,poweroff"),
+        "{console}"
+    );
+    let (st, e) = s.json(Method::DELETE, "/v1/images/probe64", Value::Null);
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (409, Some("in_use")),
+        "{e}"
+    );
+    assert_eq!(
+        s.json(Method::DELETE, "/v1/instances/k", Value::Null).0,
+        204
+    );
+    assert_eq!(
+        s.json(Method::DELETE, "/v1/images/probe64", Value::Null).0,
+        204
+    );
+    // Registered in place: deleting the image leaves the file.
+    assert!(imgdir.join("probe64.elf").exists());
+}
