@@ -230,7 +230,7 @@ impl Endpoint {
         }
     }
 
-    /// Every item of a list, following `next_page_token` when the server pages.
+    /// Every item of a list, following the `x-next-page-token` header when the server pages.
     pub async fn list(&self, path: &str) -> Result<Vec<Value>, String> {
         let mut items = Vec::new();
         let mut page = None::<String>;
@@ -239,17 +239,27 @@ impl Endpoint {
                 Some(t) => format!("{path}?page_token={}", query_escape(t)),
                 None => path.to_string(),
             };
-            let v = self.call(Method::GET, &p, None).await?;
+            let req = self
+                .builder(Method::GET, &p)?
+                .body(json_body(String::new()))
+                .map_err(|e| e.to_string())?;
+            let resp = self.send(req).await?;
+            let next = resp
+                .headers()
+                .get("x-next-page-token")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            let (status, v) = read_json(resp).await?;
+            if !status.is_success() {
+                return Err(api_error(status, &v));
+            }
             match v {
-                Value::Array(a) => return Ok(a),
-                Value::Object(ref o) if o.get("items").is_some_and(Value::is_array) => {
-                    items.extend(o["items"].as_array().into_iter().flatten().cloned());
-                    match o.get("next_page_token").and_then(Value::as_str) {
-                        Some(t) if !t.is_empty() => page = Some(t.to_string()),
-                        _ => return Ok(items),
-                    }
-                }
+                Value::Array(a) => items.extend(a),
                 other => return Err(format!("unexpected answer from the server: {other}")),
+            }
+            match next {
+                Some(t) if !t.is_empty() && page.as_deref() != Some(t.as_str()) => page = Some(t),
+                _ => return Ok(items),
             }
         }
     }

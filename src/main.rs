@@ -38,11 +38,11 @@ enum Command {
     ///
     /// What you type goes to the guest's COM1 and its output comes to stdout. When stdin is a
     /// terminal it is put in raw mode (Ctrl-C goes to the guest) until you detach with Ctrl-]
-    /// (restored on every exit). When stdin is not a terminal, it is forwarded until it ends;
-    /// then the output is printed until the guest has been quiet for --timeout seconds. Either
-    /// way the console ends when the instance stops or the server closes the connection. Only
-    /// output from the moment of connection is shown; the history is in
-    /// GET /v1/instances/NAME/console.
+    /// (restored on every exit). When stdin is not a terminal, it is forwarded until it ends
+    /// (a Ctrl-] byte in it detaches there); then the output is printed until the guest has
+    /// been quiet for --timeout seconds. Either way the console ends, with status 0, when the
+    /// instance stops or the server closes the connection. Only output from the moment of
+    /// connection is shown; the history is in GET /v1/instances/NAME/console.
     Console {
         #[command(flatten)]
         args: console::ConsoleArgs,

@@ -53,6 +53,20 @@ fn progress(total: Option<u64>, what: &str) -> ProgressBar {
     pb
 }
 
+/// Ends a bar: on a terminal, its line gives way to a one-line summary.
+fn done(pb: &ProgressBar, what: &str, bytes: u64) {
+    if pb.is_hidden() {
+        return;
+    }
+    let secs = pb.elapsed().as_secs_f64().max(1e-3);
+    pb.finish_and_clear();
+    let mib = bytes as f64 / (1u64 << 20) as f64;
+    eprintln!(
+        "{what}: {mib:.1} MiB in {secs:.1} s ({:.1} MiB/s)",
+        mib / secs
+    );
+}
+
 /// A request body fed by a thread that reads the file; counts what hyper takes on the bar.
 struct FileBody {
     rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
@@ -171,8 +185,8 @@ pub async fn upload(ep: &Endpoint, path: &str, src: Source) -> Result<Value, Str
     }
     .await;
     match &result {
-        Ok(_) => pb.finish(),
-        Err(_) => pb.abandon(),
+        Ok(_) => done(&pb, &format!("uploaded {name}"), len),
+        Err(_) => pb.finish_and_clear(),
     }
     result
 }
@@ -327,8 +341,8 @@ pub async fn download(ep: &Endpoint, path: &str, dest: &Path) -> Result<u64, Str
     }
     .await;
     match &result {
-        Ok(()) => pb.finish(),
-        Err(_) => pb.abandon(),
+        Ok(()) => done(&pb, &format!("downloaded {name}"), written),
+        Err(_) => pb.finish_and_clear(),
     }
     result.map(|()| written)
 }
