@@ -1,6 +1,6 @@
 /*
  * Kiln probe guest: virtio-blk driver and the blk-* commands (see README.md).
- * One request at a time except blk-bench, which keeps up to 16 in flight.
+ * One request at a time except blk-bench and blk-rbench, which keep up to 16 in flight.
  */
 #include "virtio.h"
 
@@ -505,33 +505,64 @@ void cmd_blk_bad(const char *a, u32 len)
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* blk-bench                                                                            */
+/* blk-bench, blk-rbench                                                                */
 
-void cmd_blk_bench(const char *a, u32 len)
+/* The offset generator of blk-rbench: xorshift64 (13, 7, 17) from a fixed seed. */
+#define RBENCH_SEED 0x9e3779b97f4a7c15UL
+
+static u64 xorshift64(u64 *x)
+{
+	u64 v = *x;
+	v ^= v << 13;
+	v ^= v >> 7;
+	v ^= v << 17;
+	*x = v;
+	return v;
+}
+
+/* Parses "DEV:MIB:REQKB:r|w" (and ":COUNT" when `count` is set) for `cmd`; returns the
+ * device or 0 after printing the failure. */
+static struct vdev *bench_args(const char *cmd, const char *a, u32 len, u64 *mib, u64 *kb,
+			       int *wr, u64 *count)
 {
 	struct args ar;
 	split_args(a, len, &ar);
-	u64 dev, mib, kb;
-	int wr = ar.n == 4 && ar.l[3] == 1 && ar.s[3][0] == 'w';
-	int rd = ar.n == 4 && ar.l[3] == 1 && ar.s[3][0] == 'r';
-	if ((!wr && !rd) || !arg_u64(&ar, 0, &dev) || !arg_u64(&ar, 1, &mib) ||
-	    !arg_u64(&ar, 2, &kb) || !kb || kb > (1UL << 22) || mib > (1UL << 30) || dev > 0xffff) {
-		say("PROBE-FAIL blk-bench bad-args");
-		return;
+	u32 want = count ? 5 : 4;
+	u64 dev;
+	*wr = ar.n == want && ar.l[3] == 1 && ar.s[3][0] == 'w';
+	int rd = ar.n == want && ar.l[3] == 1 && ar.s[3][0] == 'r';
+	if ((!*wr && !rd) || !arg_u64(&ar, 0, &dev) || !arg_u64(&ar, 1, mib) ||
+	    !arg_u64(&ar, 2, kb) || !*kb || *kb > (1UL << 22) || *mib > (1UL << 30) ||
+	    dev > 0xffff || (count && (!arg_u64(&ar, 4, count) || *count > (1UL << 40)))) {
+		line_begin();
+		ps("PROBE-FAIL ");
+		ps(cmd);
+		ps(" bad-args");
+		line_end();
+		return 0;
 	}
-	struct vdev *d = dev_get("blk-bench", "blk", VIRTIO_ID_BLK, (u32)dev);
-	if (!d)
-		return;
+	return dev_get(cmd, "blk", VIRTIO_ID_BLK, (u32)dev);
+}
+
+/* Runs `nreq` requests of `req` bytes over the first `total` bytes: sequential from 0
+ * (the last one may be short), or at xorshift64-chosen req-aligned offsets (`random`). */
+static void bench_run(const char *cmd, struct vdev *d, u64 total, u64 req, u64 nreq, int wr,
+		      int random)
+{
 	struct vq *q = &d->q[0];
-	u64 total = mib << 20, req = kb << 10;
 	u32 segsz = seg_size(d, BUF_SIZE);
 	u64 segs = (req + segsz - 1) / segsz;
 	if (segs > seg_limit(d)) {
-		dev_fail("blk-bench", "blk", d->num, "request-too-large");
+		dev_fail(cmd, "blk", d->num, "request-too-large");
 		return;
 	}
 	if (total > d->capacity * 512) {
-		dev_fail("blk-bench", "blk", d->num, "disk-too-small");
+		dev_fail(cmd, "blk", d->num, "disk-too-small");
+		return;
+	}
+	u64 slots = total / req;	/* random: the req-aligned offsets that fit */
+	if (random && !slots) {
+		dev_fail(cmd, "blk", d->num, "request-too-large");
 		return;
 	}
 	u32 per = (u32)segs + 2;
@@ -544,7 +575,7 @@ void cmd_blk_bench(const char *a, u32 len)
 		freeslots[nfree++] = i - 1;
 		busy[i - 1] = 0;
 	}
-	u64 nreq = (total + req - 1) / req, sent = 0, done = 0, off = 0;
+	u64 sent = 0, done = 0, off = 0, bytes = 0, rng = RBENCH_SEED;
 	u32 type = wr ? T_OUT : T_IN;
 
 	line_begin();
@@ -556,10 +587,16 @@ void cmd_blk_bench(const char *a, u32 len)
 		while (nfree && sent < nreq) {
 			u32 slot = freeslots[--nfree];
 			busy[slot] = 1;
-			u64 n = total - off < req ? total - off : req;
-			build(d, slot * per, slot, type, off >> 9, (u64)blk_buf, n, segsz, rd, 1);
+			u64 n = req;
+			if (random)
+				off = xorshift64(&rng) % slots * req;
+			else if (total - off < req)
+				n = total - off;
+			build(d, slot * per, slot, type, off >> 9, (u64)blk_buf, n, segsz, !wr, 1);
 			vq_add(q, (u16)(slot * per));
-			off += n;
+			if (!random)
+				off += n;
+			bytes += n;
 			sent++;
 			added = 1;
 		}
@@ -568,18 +605,18 @@ void cmd_blk_bench(const char *a, u32 len)
 		u32 id, l;
 		int r = vq_wait(d, q, &id, &l, WAIT_TICKS);
 		if (r <= 0) {
-			req_fail("blk-bench", d, r ? R_NEEDS_RESET : R_TIMEOUT);
+			req_fail(cmd, d, r ? R_NEEDS_RESET : R_TIMEOUT);
 			return;
 		}
 		do {
 			u32 slot = id / per;
 			if (id % per || slot >= inflight || !busy[slot]) {
-				req_fail("blk-bench", d, R_BAD_ID);
+				req_fail(cmd, d, R_BAD_ID);
 				return;
 			}
 			u8 s = r8(d->extra + AUX_STATUS + slot);
 			if (s) {
-				req_fail("blk-bench", d, s);
+				req_fail(cmd, d, s);
 				recover(d);	/* other requests may still be in flight */
 				return;
 			}
@@ -592,8 +629,29 @@ void cmd_blk_bench(const char *a, u32 len)
 	ps("PROBE-BENCH-END blk");
 	pdec(d->num);
 	ps(" bytes=");
-	pdec(total);
+	pdec(bytes);
 	ps(" requests=");
 	pdec(nreq);
 	line_end();
+}
+
+void cmd_blk_bench(const char *a, u32 len)
+{
+	u64 mib, kb;
+	int wr;
+	struct vdev *d = bench_args("blk-bench", a, len, &mib, &kb, &wr, 0);
+	if (!d)
+		return;
+	u64 total = mib << 20, req = kb << 10;
+	bench_run("blk-bench", d, total, req, (total + req - 1) / req, wr, 0);
+}
+
+void cmd_blk_rbench(const char *a, u32 len)
+{
+	u64 mib, kb, count;
+	int wr;
+	struct vdev *d = bench_args("blk-rbench", a, len, &mib, &kb, &wr, &count);
+	if (!d)
+		return;
+	bench_run("blk-rbench", d, mib << 20, kb << 10, count, wr, 1);
 }

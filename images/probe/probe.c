@@ -921,6 +921,7 @@ static const struct arg_command {
 	{ "blk-zeroes", cmd_blk_zeroes },
 	{ "blk-bad", cmd_blk_bad },
 	{ "blk-bench", cmd_blk_bench },
+	{ "blk-rbench", cmd_blk_rbench },
 	{ "net-info", cmd_net_info },
 	{ "net-ip", cmd_net_ip },
 	{ "net-serve", cmd_net_serve },

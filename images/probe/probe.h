@@ -125,6 +125,7 @@ void cmd_blk_discard(const char *args, u32 len);
 void cmd_blk_zeroes(const char *args, u32 len);
 void cmd_blk_bad(const char *args, u32 len);
 void cmd_blk_bench(const char *args, u32 len);
+void cmd_blk_rbench(const char *args, u32 len);
 void cmd_net_info(const char *args, u32 len);
 void cmd_net_ip(const char *args, u32 len);
 void cmd_net_serve(const char *args, u32 len);
