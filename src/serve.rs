@@ -46,12 +46,10 @@ pub fn serve(args: ServeArgs) -> i32 {
             return 1;
         }
     };
-    // Listeners first: a bad token file or a busy address stops kiln before any instance
+    // Listeners first (TCP, whose token file may be refused, before the socket file is
+    // made): a bad token file or a busy address stops kiln before any instance
     // (auto_start) is touched.
     let listeners = rt.block_on(async {
-        let unix = api::UnixServer::bind(&args.socket)
-            .await
-            .map_err(|e| e.to_string())?;
         let tcp = match (args.listen, &args.token_file) {
             (Some(addr), Some(token)) => Some(
                 api::TcpServer::bind(addr, token)
@@ -60,6 +58,9 @@ pub fn serve(args: ServeArgs) -> i32 {
             ),
             _ => None,
         };
+        let unix = api::UnixServer::bind(&args.socket)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok::<_, String>((unix, tcp))
     });
     let (unix, tcp) = match listeners {

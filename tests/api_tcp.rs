@@ -195,10 +195,11 @@ fn tcp_without_a_usable_token_file_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
 
-    // No --token-file at all: refused by the argument parser (a usage error, status 2).
+    // No --token-file at all: a usage error (status 2) in one line that says what to add.
     let (status, stderr) = refused(dir.path(), &["--listen", &addr]);
     assert_eq!(status, Some(2), "{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("kiln: "), "{stderr}");
     assert!(stderr.contains("--token-file"), "{stderr}");
 
     // A token file that is missing or empty.
