@@ -74,9 +74,18 @@ pub enum InstanceCommand {
         /// Kernel image name.
         #[arg(long, default_value = "kiln-probe")]
         kernel: String,
+        /// Initrd image name.
+        #[arg(long)]
+        initrd: Option<String>,
         /// Kernel command line.
         #[arg(long, default_value = "console=ttyS0")]
         cmdline: String,
+        /// Attach a disk (name; append `:ro` for read-only; repeatable, in guest order).
+        #[arg(long = "disk", value_name = "DISK[:ro]")]
+        disks: Vec<String>,
+        /// Start it again whenever `kiln serve` starts.
+        #[arg(long)]
+        auto_start: bool,
         /// A NIC on this host TAP device (repeatable).
         #[arg(long = "tap", value_name = "TAP")]
         taps: Vec<String>,
@@ -385,13 +394,27 @@ async fn instance_async(ep: Endpoint, cmd: InstanceCommand) -> Result<(), String
             vcpus,
             memory,
             kernel,
+            initrd,
             cmdline,
+            disks,
+            auto_start,
             taps,
             start,
         } => {
             let nics: Vec<Value> = taps.iter().map(|t| json!({"host_tap": t})).collect();
+            let disks: Vec<Value> = disks
+                .iter()
+                .map(|d| match d.strip_suffix(":ro") {
+                    Some(d) => json!({"disk": d, "read_only": true}),
+                    None => json!({"disk": d}),
+                })
+                .collect();
+            let mut boot = json!({"kernel": kernel, "cmdline": cmdline});
+            if let Some(i) = initrd {
+                boot["initrd"] = json!(i);
+            }
             let body = json!({"name": name, "vcpus": vcpus, "memory": size_value(memory),
-                "boot": {"kernel": kernel, "cmdline": cmdline},
+                "boot": boot, "disks": disks, "auto_start": auto_start,
                 "network_interfaces": nics, "start": start});
             (Method::POST, "/v1/instances".to_string(), Some(body))
         }

@@ -192,6 +192,32 @@ fn disks_are_created_listed_attached_grown_and_deleted() {
     ok(&s, &["disk", "detach", "vm", "data"]);
     assert!(json(&s, &["disk", "show", "data"])["attached_to"].is_null());
 
+    // A disk named at create time, read-only: the guest sees it so.
+    ok(
+        &s,
+        &[
+            "instance",
+            "create",
+            "vm2",
+            "--memory",
+            "64MiB",
+            "--disk",
+            "scratch:ro",
+            "--cmdline",
+            "console=ttyS0 probe=blk-info:0,poweroff",
+            "--start",
+        ],
+    );
+    assert!(s.wait_state("vm2", "stopped"), "{}", s.console("vm2"));
+    assert!(
+        s.console("vm2")
+            .contains("PROBE-OK blk-info blk0 capacity=2097152 "),
+        "{}",
+        s.console("vm2")
+    );
+    assert!(s.console("vm2").contains(" ro=1 "), "{}", s.console("vm2"));
+    ok(&s, &["instance", "delete", "vm2"]);
+
     // Grow; never shrink.
     let d = json(&s, &["disk", "grow", "data", "128MiB"]);
     assert_eq!(d["size"], 128 << 20, "{d}");
