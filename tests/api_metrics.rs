@@ -150,3 +150,38 @@ fn metrics_count_instances_exits_console_bytes_and_requests() {
         Some(1.0)
     );
 }
+
+#[test]
+fn metrics_count_each_disk_of_a_running_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path(), &[]);
+    assert_eq!(
+        s.json(
+            Method::POST,
+            "/v1/disks",
+            json!({"name": "d", "size": "1MiB"})
+        )
+        .0,
+        201
+    );
+    let body = json!({"name": "m", "vcpus": 1, "memory": "64MiB", "disks": [{"disk": "d"}],
+        "boot": {"kernel": "kiln-probe",
+                 "cmdline": "console=ttyS0 probe=blk-write:0:0:64:3,blk-verify:0:0:64:3,hlt"}});
+    assert_eq!(s.json(Method::POST, "/v1/instances", body).0, 201);
+    assert_eq!(action(&s, "m", json!({"action": "start"})).0, 200);
+    assert!(s.wait_console("m", "PROBE-OK hlt", 1), "{}", s.console("m"));
+    let (text, samples) = scrape(&s);
+    let key = |c: &str| format!("kiln_block_{c}_total{{instance=\"m\",disk=\"d\"}}");
+    assert_eq!(
+        value(&samples, &key("write_bytes")),
+        Some(32768.0),
+        "{text}"
+    );
+    assert_eq!(value(&samples, &key("read_bytes")), Some(32768.0), "{text}");
+    assert!(
+        value(&samples, &key("requests")).unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
+    assert_eq!(value(&samples, &key("errors")), Some(0.0), "{text}");
+    assert!(text.contains("# TYPE kiln_net_rx_frames counter"), "{text}");
+}

@@ -10,7 +10,8 @@
 //! [`Metrics::register_vmm`] adds the VMM's scrape-time families: `kiln_instances{state}`
 //! (every state, zeros included), `kiln_vcpu_exits_total{reason}` (every vCPU of the process,
 //! every reason, zeros included) and `kiln_console_bytes_total{instance}` (serial output bytes
-//! of each instance since it was defined or loaded).
+//! of each instance since it was defined or loaded), and for running instances the device
+//! counters `kiln_block_*_total{instance,disk}` and `kiln_net_*_total{instance,nic}`.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
@@ -226,6 +227,63 @@ impl Collector for VmmCollector {
             };
             let labels = [("instance", i.def.name.as_str())];
             ConstCounter::new(ring.bounds().1).encode(family.encode_family(&labels)?)?;
+        }
+        self.encode_devices(&mut encoder, manager.as_deref(), &instances)
+    }
+}
+
+/// The device counter families: `kiln_block_<counter>_total{instance,disk}` and
+/// `kiln_net_<counter>_total{instance,nic}`, for running instances (from zero at each boot).
+const DEVICE_FAMILIES: [(&str, &str, &str); 7] = [
+    ("block", "requests", "virtio-blk requests completed"),
+    ("block", "errors", "virtio-blk requests that failed"),
+    ("block", "read_bytes", "bytes the guest read from the disk"),
+    ("block", "write_bytes", "bytes the guest wrote to the disk"),
+    ("net", "rx_frames", "frames delivered to the guest"),
+    ("net", "tx_frames", "frames the guest sent"),
+    (
+        "net",
+        "dropped",
+        "frames dropped (malformed, too large, TAP errors)",
+    ),
+];
+
+impl VmmCollector {
+    fn encode_devices(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        manager: Option<&Manager>,
+        instances: &[vmm::manager::Instance],
+    ) -> Result<(), std::fmt::Error> {
+        let devices: Vec<(String, Vec<vmm::manager::DeviceCounters>)> = instances
+            .iter()
+            .filter(|i| i.state != InstanceState::Stopped && i.state != InstanceState::Failed)
+            .filter_map(|i| {
+                let m = manager?;
+                Some((i.def.name.clone(), m.device_counters(&i.def.id.to_string())))
+            })
+            .collect();
+        for (kind, counter, help) in DEVICE_FAMILIES {
+            let name = format!("{kind}_{counter}");
+            let mut family = encoder.encode_descriptor(
+                &name,
+                &format!("{help}, by instance and device (from zero at each boot)."),
+                None,
+                MetricType::Counter,
+            )?;
+            let device_label = if kind == "block" { "disk" } else { "nic" };
+            for (instance, devs) in &devices {
+                for d in devs.iter().filter(|d| d.kind == kind) {
+                    let Some((_, v)) = d.counters.iter().find(|(c, _)| *c == counter) else {
+                        continue;
+                    };
+                    let labels = [
+                        ("instance", instance.as_str()),
+                        (device_label, d.device.as_str()),
+                    ];
+                    ConstCounter::new(*v).encode(family.encode_family(&labels)?)?;
+                }
+            }
         }
         Ok(())
     }

@@ -89,6 +89,7 @@ impl Machine {
                 let (pio, serial, room, pm) = legacy_devices(&vm, persistent, requests)?;
                 *lock(&control.power_button) = Some(pm);
                 let (mmio, virtio) = virtio_devices(&vm, &mem, config)?;
+                *lock(&control.devices) = virtio.iter().map(|v| v.device()).collect();
                 let vcpu_fds = (0..config.vcpus)
                     .map(|id| {
                         let entry = (id == 0).then_some(kernel.entry);

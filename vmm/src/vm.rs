@@ -118,6 +118,8 @@ pub(crate) struct BootControl {
     threads: Mutex<Vec<libc::pthread_t>>,
     /// The ACPI registers, for pressing the power button.
     pub power_button: Mutex<Option<Arc<Mutex<AcpiPm>>>>,
+    /// The virtio devices of this boot (disks, then NICs), for their counters.
+    pub devices: Mutex<Vec<devices::virtio::SharedVirtioDevice>>,
 }
 
 impl BootControl {
@@ -129,6 +131,7 @@ impl BootControl {
             gate,
             threads: Mutex::new(Vec::new()),
             power_button: Mutex::new(None),
+            devices: Mutex::new(Vec::new()),
         }
     }
 
@@ -238,6 +241,13 @@ impl VmHandle {
             .ok_or(HandleError::NotRunning)?;
         lock(&pm).press_power_button();
         Ok(())
+    }
+
+    /// The counters of each virtio device of the current boot (disks, then NICs, in
+    /// configuration order); they start from zero at every boot.
+    pub fn device_counters(&self) -> Result<Vec<Vec<(&'static str, u64)>>, HandleError> {
+        let devs = lock(&self.current()?.devices).clone();
+        Ok(devs.iter().map(|d| lock(d).counters()).collect())
     }
 
     /// A hard reset: the guest re-boots in place at once.

@@ -313,6 +313,16 @@ fn execute(
 }
 
 impl VirtioDevice for Block {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats;
+        vec![
+            ("requests", s.requests),
+            ("errors", s.errors),
+            ("read_bytes", s.read_bytes),
+            ("write_bytes", s.write_bytes),
+        ]
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
     }

@@ -128,6 +128,10 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The driver notified queue `index`.
     fn queue_notified(&mut self, index: usize);
+    /// The device's counters since it was made (name, value), for metrics.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// Other file descriptors the event loop should watch for this device (edge-triggered).
     fn extra_fds(&self) -> Vec<RawFd> {
         Vec::new()
@@ -149,6 +153,11 @@ pub struct VirtioEvents {
 }
 
 impl VirtioEvents {
+    /// The device these events drive.
+    pub fn device(&self) -> SharedVirtioDevice {
+        self.device.clone()
+    }
+
     /// Watches `queue_evts` (one per queue, also registered as ioeventfds) for `device`.
     pub fn new(device: SharedVirtioDevice, queue_evts: Vec<EventFd>) -> Self {
         let extra = lock(&device).extra_fds();

@@ -192,6 +192,15 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats;
+        vec![
+            ("rx_frames", s.rx_frames),
+            ("tx_frames", s.tx_frames),
+            ("dropped", s.dropped),
+        ]
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_NET
     }

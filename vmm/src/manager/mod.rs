@@ -149,6 +149,18 @@ impl Entry {
     }
 }
 
+/// The counters of one device of a running instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceCounters {
+    /// `block` or `net`.
+    pub kind: &'static str,
+    /// The disk's or NIC's name.
+    pub device: String,
+    /// (counter, value): `requests`, `errors`, `read_bytes`, `write_bytes` for disks;
+    /// `rx_frames`, `tx_frames`, `dropped` for NICs.
+    pub counters: Vec<(&'static str, u64)>,
+}
+
 /// Where the manager keeps its files.
 struct Dirs {
     /// `<state>/disks`: disk files and their definitions.
@@ -619,6 +631,32 @@ impl Manager {
     /// The console history of an instance from `from` (or the last `tail` bytes).
     pub fn console(&self, key: &str) -> Result<ConsoleRing, ManagerError> {
         Ok(self.find(key)?.console.clone())
+    }
+
+    /// The counters of a running instance's devices: (kind `block` or `net`, disk or NIC name,
+    /// counters). Empty when it is not running; they restart from zero at every boot.
+    pub fn device_counters(&self, key: &str) -> Vec<DeviceCounters> {
+        let Ok(e) = self.find(key) else {
+            return Vec::new();
+        };
+        let handle = lock(&e.rt).handle.clone();
+        let Some(counters) = handle.and_then(|h| h.device_counters().ok()) else {
+            return Vec::new();
+        };
+        let def = lock(&e.def).clone();
+        let names = def.disks.iter().map(|d| ("block", d.disk.clone())).chain(
+            def.network_interfaces
+                .iter()
+                .map(|n| ("net", n.name.clone())),
+        );
+        names
+            .zip(counters)
+            .map(|((kind, device), counters)| DeviceCounters {
+                kind,
+                device,
+                counters,
+            })
+            .collect()
     }
 
     /// Sends bytes to a running instance's serial port.
