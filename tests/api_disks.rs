@@ -618,7 +618,13 @@ fn disks_and_images_survive_a_restart_of_kiln_serve() {
             "boot": {"kernel": "kiln-probe", "initrd": "initrd-1", "cmdline": "console=ttyS0 probe=initrd,poweroff"}});
         assert_eq!(s.json(Method::POST, "/v1/instances", body).0, 201);
     }
+    // What a killed server could leave behind is swept at start.
+    let spool = dir.path().join("state/disks/.x.qcow2.abc123.import");
+    let tmp = dir.path().join("state/instances/.0000.json.tmp");
+    std::fs::write(&spool, b"half an import").unwrap();
+    std::fs::write(&tmp, b"{").unwrap();
     let s = Server::start_with(dir.path(), &args);
+    assert!(!spool.exists() && !tmp.exists());
     let disks = s.json(Method::GET, "/v1/disks", Value::Null).1;
     let names: Vec<_> = disks
         .as_array()

@@ -221,6 +221,9 @@ impl Manager {
             images: state_dir.join("images").canonicalize().map_err(state_err)?,
             image_dirs: resolved,
         };
+        for dir in [&dirs.disks, &dirs.images, &state_dir.join("instances")] {
+            sweep_leftovers(dir);
+        }
         let defs: Vec<InstanceDef> = store.load_all().map_err(state_err)?;
         let disks: Vec<DiskDef> = disk_store.load_all().map_err(state_err)?;
         let images: Vec<Image> = image_store.load_all().map_err(state_err)?;
@@ -974,6 +977,21 @@ impl Manager {
         let entries = lock(&self.entries).clone();
         for e in entries {
             self.hard_stop(&e);
+        }
+    }
+}
+
+/// Removes what a killed `kiln serve` may have left half-made: import spools
+/// (`.NAME.RANDOM.import`) and definitions being written (`.ID.json.tmp`).
+fn sweep_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.ends_with(".import") || name.ends_with(".json.tmp")) {
+            tracing::info!("removing the leftover {}", e.path().display());
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }
