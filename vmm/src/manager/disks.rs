@@ -623,8 +623,8 @@ impl Manager {
             .retain(|a| a.disk != disk && a.id.to_string() != disk);
         if idef.disks.len() == before {
             return Err(ManagerError::NotFound(
-                "disk attached to this instance",
-                disk.into(),
+                "disk",
+                format!("{disk} (attached to instance {})", idef.name),
             ));
         }
         self.save_instance(&e, idef)?;
