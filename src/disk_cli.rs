@@ -107,7 +107,7 @@ pub enum DiskCommand {
         /// The new disk's name.
         #[arg(long)]
         name: String,
-        /// The file's format [default: qcow2 when the file starts with the qcow2 magic, else raw].
+        /// The format to store the disk in (the file may be raw or qcow2 either way) [default: the file's own format].
         #[arg(long, value_enum)]
         format: Option<Format>,
     },
