@@ -13,21 +13,6 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 use serde_json::{json, Value};
 
-/// `kiln serve` with `extra` arguments, once it accepts connections: the harness waits for the
-/// socket file, which appears at bind(), a moment before listen().
-fn start_server(dir: &std::path::Path, extra: &[&str]) -> Server {
-    let s = Server::start_with(dir, extra);
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&s.socket).is_err() {
-        assert!(
-            std::time::Instant::now() < end,
-            "kiln serve does not accept"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    s
-}
-
 /// Types `text` into an instance's serial port through the console websocket and reads its
 /// output until `until` has been seen (or 20 s passed); returns what was read.
 fn type_into(s: &Server, name: &str, text: &str, until: &str) -> String {
@@ -92,7 +77,7 @@ fn assert_internal_error(inst: &Value) {
 #[test]
 fn a_failed_instance_does_not_disturb_the_other() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start_server(dir.path(), &[]);
+    let s = Server::start_with(dir.path(), &[]);
     create(&s, "steady", "hlt");
     // Runs until told to stop echoing, then executes what KVM cannot emulate.
     create(&s, "doomed", "echo,internal-error");
@@ -177,7 +162,7 @@ fn a_failed_instance_does_not_disturb_the_other() {
 #[test]
 fn an_instance_that_fails_at_boot_fails_its_start() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start_server(dir.path(), &[]);
+    let s = Server::start_with(dir.path(), &[]);
     create(&s, "early", "internal-error");
     let (st, _) = action(&s, "early", json!({"action": "start"}));
     // The guest may fail before or after the start operation saw it running; either way the

@@ -8,21 +8,6 @@ use common::server::{action, Server};
 use hyper::Method;
 use serde_json::json;
 
-/// `kiln serve` with `extra` arguments, once it accepts connections: the harness waits for the
-/// socket file, which appears at bind(), a moment before listen().
-fn start_server(dir: &std::path::Path, extra: &[&str]) -> Server {
-    let s = Server::start_with(dir, extra);
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&s.socket).is_err() {
-        assert!(
-            std::time::Instant::now() < end,
-            "kiln serve does not accept"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    s
-}
-
 /// The samples of a scrape: (name with labels, value).
 fn scrape(s: &Server) -> (String, Vec<(String, f64)>) {
     let (st, headers, text) = s.call(Method::GET, "/metrics", "");
@@ -61,7 +46,7 @@ const STATES: [&str; 7] = [
 #[test]
 fn metrics_count_instances_exits_console_bytes_and_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start_server(dir.path(), &[]);
+    let s = Server::start_with(dir.path(), &[]);
     for (name, start) in [("busy", true), ("idle", false)] {
         let body = json!({"name": name, "vcpus": 1, "memory": "64MiB", "start": start,
             "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=cmdline,hlt"}});
@@ -154,7 +139,7 @@ fn metrics_count_instances_exits_console_bytes_and_requests() {
 #[test]
 fn metrics_count_each_disk_of_a_running_instance() {
     let dir = tempfile::tempdir().unwrap();
-    let s = start_server(dir.path(), &[]);
+    let s = Server::start_with(dir.path(), &[]);
     assert_eq!(
         s.json(
             Method::POST,

@@ -14,21 +14,6 @@ use hyper::{HeaderMap, Method, Request};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-/// `kiln serve` with `extra` arguments, once it accepts connections: the harness waits for the
-/// socket file, which appears at bind(), a moment before listen().
-fn start_server(dir: &std::path::Path, extra: &[&str]) -> Server {
-    let s = Server::start_with(dir, extra);
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&s.socket).is_err() {
-        assert!(
-            std::time::Instant::now() < end,
-            "kiln serve does not accept"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    s
-}
-
 /// A loopback port nobody listens on right now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -114,7 +99,7 @@ fn tcp_needs_the_bearer_token() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let s = start_server(
+    let s = Server::start_with(
         dir.path(),
         &[
             "--listen",

@@ -50,8 +50,15 @@ impl Server {
         }
     }
 
-    /// One request; returns status, headers and body text.
-    pub fn call(&self, method: Method, path: &str, body: &str) -> (u16, hyper::HeaderMap, String) {
+    /// One request over a fresh connection; returns status, headers and body bytes.
+    pub fn request(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (u16, hyper::HeaderMap, Vec<u8>) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -62,49 +69,43 @@ impl Server {
                 .await
                 .unwrap();
             tokio::spawn(conn);
-            let req = Request::builder()
+            let mut req = Request::builder()
                 .method(method)
                 .uri(path)
                 .header("host", "kiln")
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body.to_string())))
-                .unwrap();
+                .header("content-type", content_type);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let req = req.body(Full::new(Bytes::from(body))).unwrap();
             let resp = tx.send_request(req).await.unwrap();
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();
             let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            (
-                status,
-                headers,
-                String::from_utf8_lossy(&bytes).into_owned(),
-            )
+            (status, headers, bytes.to_vec())
         })
+    }
+
+    /// One JSON request; returns status, headers and body text.
+    pub fn call(&self, method: Method, path: &str, body: &str) -> (u16, hyper::HeaderMap, String) {
+        let (status, headers, bytes) = self.request(
+            method,
+            path,
+            "application/json",
+            &[],
+            body.as_bytes().to_vec(),
+        );
+        (
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     }
 
     /// One request with a byte body (`application/octet-stream`); returns status and body.
     pub fn call_bytes(&self, method: Method, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
-            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            let req = Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", "kiln")
-                .header("content-type", "application/octet-stream")
-                .body(Full::new(Bytes::from(body)))
-                .unwrap();
-            let resp = tx.send_request(req).await.unwrap();
-            let status = resp.status().as_u16();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, bytes.to_vec())
-        })
+        let (status, _, bytes) = self.request(method, path, "application/octet-stream", &[], body);
+        (status, bytes)
     }
 
     /// Writes `request` (a whole HTTP/1 request) as it is, ignoring a server that stops
@@ -128,35 +129,18 @@ impl Server {
         body: Value,
         headers: &[(&str, &str)],
     ) -> (u16, hyper::HeaderMap, Value) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
-            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            let mut req = Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", "kiln")
-                .header("content-type", "application/json");
-            for (k, v) in headers {
-                req = req.header(*k, *v);
-            }
-            let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
-            let resp = tx.send_request(req).await.unwrap();
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            (
-                status,
-                headers,
-                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            )
-        })
+        let (status, headers, bytes) = self.request(
+            method,
+            path,
+            "application/json",
+            headers,
+            body.to_string().into_bytes(),
+        );
+        (
+            status,
+            headers,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     /// Waits until the instance is in `state`.
