@@ -85,6 +85,9 @@ pub struct Qcow2Disk {
     backing_resolved: Option<(PathBuf, Format)>,
     /// The last decompressed cluster, keyed by its L2 entry.
     zcache: Option<(u64, Vec<u8>)>,
+    /// Data clusters allocated ahead (refcount 1, durable, not yet referenced), so that one
+    /// refcount sync covers many allocating writes; given back at every flush.
+    reserved: std::ops::Range<u64>,
 }
 
 impl std::fmt::Debug for Qcow2Disk {
@@ -209,6 +212,7 @@ impl Qcow2Disk {
             backing_name: hdr.backing_file,
             backing_resolved,
             zcache: None,
+            reserved: 0..0,
         })
     }
 

@@ -8,6 +8,9 @@ use super::{Qcow2Disk, MAX_PENDING_FREES, ZERO_CHUNK};
 use crate::backend::{check_range, DiskBackend};
 use crate::error::{Error, Result};
 
+/// Data clusters allocated at a time for writes (2 MiB with 64 KiB clusters).
+const RESERVE_CLUSTERS: u64 = 32;
+
 /// One cluster's part of a write.
 struct Step {
     /// Guest cluster index.
@@ -106,7 +109,7 @@ impl Qcow2Disk {
                     step.new_entry = Some(host | COPIED);
                 }
                 _ => {
-                    let c = self.rc.alloc(&self.file, 1)?;
+                    let c = self.take_data_cluster()?;
                     step.host = c * cs;
                     step.merge = (!full).then_some(m);
                     step.new_entry = Some(step.host | COPIED);
@@ -178,9 +181,31 @@ impl Qcow2Disk {
         self.maybe_free_pending()
     }
 
+    /// A data cluster for a write: from the reservation, which is refilled
+    /// [`RESERVE_CLUSTERS`] at a time (their refcounts are made durable by the caller's
+    /// commit, once per refill instead of once per write).
+    fn take_data_cluster(&mut self) -> Result<u64> {
+        if self.reserved.is_empty() {
+            let c = self.rc.alloc(&self.file, RESERVE_CLUSTERS)?;
+            self.reserved = c..c + RESERVE_CLUSTERS;
+        }
+        let c = self.reserved.start;
+        self.reserved.start += 1;
+        Ok(c)
+    }
+
+    /// Gives back the clusters reserved and not used (a crash before this only leaks them).
+    fn release_reserved(&mut self) -> Result<()> {
+        for c in std::mem::replace(&mut self.reserved, 0..0) {
+            self.rc.decref(&self.file, c)?;
+        }
+        Ok(())
+    }
+
     /// Syncs the file, then applies the queued reference drops (whose metadata is now
     /// durable) and syncs again so that the freed space is durable too.
     pub(super) fn sync_and_free(&mut self) -> Result<()> {
+        self.release_reserved()?;
         self.rc.flush(&self.file)?;
         self.file
             .sync_data()
