@@ -88,6 +88,9 @@ pub struct Qcow2Disk {
     /// Data clusters allocated ahead (refcount 1, durable, not yet referenced), so that one
     /// refcount sync covers many allocating writes; given back at every flush.
     reserved: std::ops::Range<u64>,
+    /// Clusters the next refill reserves: doubles while writes keep allocating, back to
+    /// the minimum at every flush.
+    reserve_next: u64,
 }
 
 impl std::fmt::Debug for Qcow2Disk {
@@ -213,6 +216,7 @@ impl Qcow2Disk {
             backing_resolved,
             zcache: None,
             reserved: 0..0,
+            reserve_next: write::RESERVE_MIN,
         })
     }
 

@@ -308,6 +308,11 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Clusters one refcount block counts.
+    pub fn block_entries(&self) -> u64 {
+        1 << self.block_bits
+    }
+
     /// Allocates `n` contiguous free clusters (refcount 1) and returns the first's index.
     /// The new refcounts are cached: [`Refcounts::flush`] before anything refers to them.
     pub fn alloc(&mut self, file: &File, n: u64) -> Result<u64> {

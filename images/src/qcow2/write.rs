@@ -8,8 +8,11 @@ use super::{Qcow2Disk, MAX_PENDING_FREES, ZERO_CHUNK};
 use crate::backend::{check_range, DiskBackend};
 use crate::error::{Error, Result};
 
-/// Data clusters allocated at a time for writes (2 MiB with 64 KiB clusters).
-const RESERVE_CLUSTERS: u64 = 32;
+/// Data clusters reserved by the first refill after a flush (2 MiB with 64 KiB clusters).
+pub(super) const RESERVE_MIN: u64 = 32;
+
+/// Most bytes one refill reserves (what a crash can leak at most).
+const RESERVE_MAX_BYTES: u64 = 64 << 20;
 
 /// One cluster's part of a write.
 struct Step {
@@ -181,13 +184,22 @@ impl Qcow2Disk {
         self.maybe_free_pending()
     }
 
-    /// A data cluster for a write: from the reservation, which is refilled
-    /// [`RESERVE_CLUSTERS`] at a time (their refcounts are made durable by the caller's
-    /// commit, once per refill instead of once per write).
+    /// A data cluster for a write: from the reservation, whose refcounts the caller's
+    /// commit makes durable once per refill instead of once per write. Each refill while
+    /// writes keep allocating is twice the last, up to [`RESERVE_MAX_BYTES`]: a sync
+    /// writes back the file's dirty data too, so few of them is what makes a fresh image
+    /// fast to fill.
     fn take_data_cluster(&mut self) -> Result<u64> {
         if self.reserved.is_empty() {
-            let c = self.rc.alloc(&self.file, RESERVE_CLUSTERS)?;
-            self.reserved = c..c + RESERVE_CLUSTERS;
+            // At most half a refcount block's span, so that a refcount block the
+            // allocation needs always fits beside it.
+            let cap = (self.rc.block_entries() / 2)
+                .min(RESERVE_MAX_BYTES >> self.cluster_bits)
+                .max(1);
+            let n = self.reserve_next.min(cap);
+            let c = self.rc.alloc(&self.file, n)?;
+            self.reserved = c..c + n;
+            self.reserve_next = (n * 2).min(cap);
         }
         let c = self.reserved.start;
         self.reserved.start += 1;
@@ -196,6 +208,7 @@ impl Qcow2Disk {
 
     /// Gives back the clusters reserved and not used (a crash before this only leaks them).
     fn release_reserved(&mut self) -> Result<()> {
+        self.reserve_next = RESERVE_MIN;
         for c in std::mem::replace(&mut self.reserved, 0..0) {
             self.rc.decref(&self.file, c)?;
         }
