@@ -2,6 +2,8 @@
 //! the kernel and initrd, the command line, PVH start info or the zero page with the E820 map,
 //! the MP table, the ACPI tables and the initial vCPU state.
 
+#![warn(missing_docs)]
+
 pub mod acpi;
 pub mod cpu;
 pub mod kernel;

@@ -4,6 +4,8 @@
 //! Devices never own KVM objects: they raise interrupts through [`Interrupt`] and ask for
 //! power-off or reset through [`GuestRequests`].
 
+#![warn(missing_docs)]
+
 pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;

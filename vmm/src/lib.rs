@@ -1,6 +1,8 @@
 //! The Kiln VM: KVM, guest memory, vCPU threads, the per-VM event loop and the lifecycle
 //! (power-off ends the VM, a guest reset re-boots it in place, an internal error fails it).
 
+#![warn(missing_docs)]
+
 pub mod config;
 mod event_loop;
 pub mod host;
