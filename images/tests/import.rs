@@ -369,3 +369,67 @@ fn the_destination_must_not_exist() {
     }
     assert_eq!(listing(dir.path()), vec!["there.raw".to_string()]);
 }
+
+#[test]
+fn a_small_image_that_claims_more_data_than_the_disk_holds_is_refused() {
+    // 2 MiB clusters: one L2 table maps 512 GiB. One data cluster, one L2 table whose every
+    // entry points at it, and eight L1 entries that all point at that table: 4 TiB of data
+    // from a file of a few MiB.
+    let scratch = tempfile::tempdir().unwrap();
+    let img = scratch.path().join("bomb.qcow2");
+    let run = |cmd: &str, args: &[&str]| {
+        let out = std::process::Command::new(cmd).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = img.to_str().unwrap();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            p,
+            "4T",
+        ],
+    );
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 2M", p]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let be64 = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
+    let l1 = be64(&bytes, 40) as usize;
+    let l2_entry = be64(&bytes, l1);
+    let l2 = (l2_entry & 0x00ff_ffff_ffff_fe00) as usize;
+    let data_entry = be64(&bytes, l2);
+    for i in 1..262_144 {
+        bytes[l2 + i * 8..l2 + i * 8 + 8].copy_from_slice(&data_entry.to_be_bytes());
+    }
+    for i in 1..8 {
+        bytes[l1 + i * 8..l1 + i * 8 + 8].copy_from_slice(&l2_entry.to_be_bytes());
+    }
+    let free = {
+        let st = rustix::fs::statvfs(scratch.path()).unwrap();
+        st.f_bavail * st.f_frsize
+    };
+    assert!(
+        free < 4 << 40,
+        "this test needs a file system with less than 4 TiB free"
+    );
+    let store = tempfile::tempdir().unwrap();
+    let dst = store.path().join("out.raw");
+    let err = import(
+        &mut &bytes[..],
+        &dst,
+        Format::Raw,
+        &OpenOptions::default(),
+        &mut |_| {},
+    )
+    .expect_err("a 4 TiB claim was imported");
+    assert!(err.to_string().contains("bytes are free"), "{err}");
+    assert!(listing(store.path()).is_empty());
+}

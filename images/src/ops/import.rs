@@ -212,6 +212,7 @@ fn import_qcow2(
             "the imported image's virtual size of {size} bytes is not a multiple of 512"
         )));
     }
+    check_room(&mut src, dir)?;
     let guard = match format {
         Format::Raw => backend_to_raw(&mut src, dst, &mut |_| {}),
         Format::Qcow2 => backend_to_qcow2(&mut src, dst, &mut |_| {}),
@@ -225,6 +226,39 @@ fn import_qcow2(
         source_format: Format::Qcow2,
         virtual_size,
     })
+}
+
+/// Refuses a qcow2 image whose data would not fit in the free space of `dir` once
+/// converted: a small image can claim far more (many guest clusters on one host cluster,
+/// compressed clusters), and filling the host's disk is not an import's business.
+fn check_room(src: &mut Qcow2Disk, dir: &Path) -> Result<()> {
+    let size = src.size();
+    let mut data = 0u64;
+    let mut off = 0u64;
+    while off < size {
+        let (kind, n) = src.extent(off, size - off)?;
+        if n == 0 {
+            break;
+        }
+        if kind == crate::Extent::Data {
+            data += n;
+        }
+        off += n;
+    }
+    let free = rustix::fs::statvfs(dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .map_err(|e| {
+            Error::io(
+                format!("checking the free space of {}", dir.display()),
+                e.into(),
+            )
+        })?;
+    if data > free {
+        return Err(Error::InvalidArgument(format!(
+            "the imported image holds {data} bytes of data; only {free} bytes are free where it would be stored"
+        )));
+    }
+    Ok(())
 }
 
 /// Replaces the spool file's paths in an error by [`STREAM_NAME`].
