@@ -68,6 +68,7 @@ fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
         read_only: false,
         serial: String::new(),
         backing_dirs: Vec::new(),
+        block_size: 512,
     };
     for (k, v) in key_values(spec, &["path", "readonly", "serial"])? {
         match k {

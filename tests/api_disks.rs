@@ -738,18 +738,24 @@ fn guest_writes_to_a_fresh_qcow2_disk_leave_a_clean_image() {
     let (st, disk) = s.json(
         Method::POST,
         "/v1/disks",
-        json!({"name": "q", "size": "4MiB", "format": "qcow2"}),
+        json!({"name": "q", "size": "4MiB", "format": "qcow2", "block_size": 4096}),
     );
     assert_eq!(st, 201, "{disk}");
     let body = json!({"name": "vm", "vcpus": 1, "memory": "64MiB", "disks": [{"disk": "q"}],
         "boot": {"kernel": "kiln-probe",
-                 "cmdline": "console=ttyS0 probe=blk-write:0:0:2048:4,blk-flush:0,blk-write:0:7000:50:6,poweroff"}});
+                 "cmdline": "console=ttyS0 probe=blk-info:0,blk-write:0:0:2048:4,blk-flush:0,blk-write:0:7000:50:6,poweroff"}});
     assert_eq!(s.json(Method::POST, "/v1/instances", body).0, 201);
     action(&s, "vm", json!({"action": "start"}));
     assert!(s.wait_state("vm", "stopped"), "{}", s.console("vm"));
     assert!(
         s.console("vm")
             .contains("PROBE-OK blk-write blk0 sectors=50"),
+        "{}",
+        s.console("vm")
+    );
+    // The disk's block size is what the guest is told.
+    assert!(
+        s.console("vm").contains(" blk_size=4096 "),
         "{}",
         s.console("vm")
     );

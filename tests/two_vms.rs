@@ -23,6 +23,7 @@ fn vm(host: &Arc<Host>, disk: &std::path::Path, cmds: &str, out: &Buffer) -> Vm 
             read_only: false,
             serial: String::new(),
             backing_dirs: Vec::new(),
+            block_size: 512,
         }],
         nets: Vec::new(),
     };

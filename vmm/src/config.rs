@@ -47,6 +47,8 @@ pub struct DiskConfig {
     pub serial: String,
     /// Directories a qcow2 backing file may lie in; empty: the image's own directory.
     pub backing_dirs: Vec<PathBuf>,
+    /// Logical block size the guest is told: 512 or 4096.
+    pub block_size: u32,
 }
 
 /// A NIC on a host TAP device.

@@ -312,11 +312,9 @@ fn virtio_devices(
         };
         let disk = images::open_disk(&d.path, d.read_only, &opts)
             .map_err(|e| VmError::Build(format!("disk {}: {e}", d.path.display())))?;
-        devs.push(Arc::new(Mutex::new(Block::new(
-            disk,
-            d.read_only,
-            &d.serial,
-        ))));
+        devs.push(Arc::new(Mutex::new(
+            Block::new(disk, d.read_only, &d.serial).with_block_size(d.block_size),
+        )));
     }
     for n in &config.nets {
         let tap = Tap::open(&n.tap).map_err(|e| VmError::Build(format!("TAP {}: {e}", n.tap)))?;

@@ -89,6 +89,7 @@ pub struct Block {
     active: Option<Active>,
     buf: Vec<u8>,
     stats: BlockStats,
+    block_size: u32,
 }
 
 /// How a request ended.
@@ -118,7 +119,17 @@ impl Block {
             active: None,
             buf: Vec::new(),
             stats: BlockStats::default(),
+            block_size: SECTOR as u32,
         }
+    }
+
+    /// The logical block size the guest is told (`blk_size`): 512 (the default) or 4096.
+    /// Requests stay addressed in 512-byte sectors, as virtio-blk defines.
+    pub fn with_block_size(mut self, block_size: u32) -> Self {
+        if block_size == 4096 {
+            self.block_size = block_size;
+        }
+        self
     }
 
     /// Counters so far.
@@ -134,7 +145,7 @@ impl Block {
         let mut c = [0u8; 60];
         c[0..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
         c[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes()); // seg_max
-        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes()); // blk_size
+        c[20..24].copy_from_slice(&self.block_size.to_le_bytes()); // blk_size
         c[36..40].copy_from_slice(&((MAX_REQUEST as u64 / SECTOR) as u32).to_le_bytes()); // max_discard_sectors
         c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
         c[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment (4 KiB)

@@ -865,6 +865,7 @@ impl Manager {
                     read_only: a.read_only,
                     serial: d.def.name.chars().take(20).collect(),
                     backing_dirs: self.open_options().allowed_dirs,
+                    block_size: d.def.block_size,
                 }),
                 Err(err) => return fail(err.to_string()),
             }
