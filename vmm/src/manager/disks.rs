@@ -103,7 +103,7 @@ pub struct Disk {
 impl Disk {
     /// The entity tag of the definition (`If-Match`).
     pub fn etag(&self) -> String {
-        format!("\"{}-{}\"", self.def.id.simple(), self.def.generation)
+        super::model::etag(self.def.id, self.def.generation)
     }
 }
 
@@ -473,11 +473,7 @@ impl Manager {
     ) -> Result<Disk, ManagerError> {
         let _changes = lock(&self.changes);
         let cur = self.disk_view(self.find_disk(key)?);
-        if let Some(tag) = if_match {
-            if tag != "*" && tag != cur.etag() {
-                return Err(ManagerError::PreconditionFailed(cur.etag()));
-            }
-        }
+        super::model::check_if_match(if_match, &cur.etag())?;
         let mut def = cur.def.clone();
         if let Some(name) = &patch.name {
             if *name != def.name {
@@ -586,7 +582,7 @@ impl Manager {
         let def = self
             .find_disk(disk)
             .map_err(|_| invalid("disk", format!("no disk named {disk:?}")))?;
-        self.check_stopped(&e, "attach a disk")?;
+        self.check_stopped(&e, "stop it to attach a disk")?;
         if let Some(other) = self.attached_to(def.id) {
             return Err(ManagerError::InUse(format!(
                 "disk {} is already attached to instance {other}",
@@ -616,7 +612,7 @@ impl Manager {
     pub fn detach_disk(&self, instance: &str, disk: &str) -> Result<super::Instance, ManagerError> {
         let _changes = lock(&self.changes);
         let e = self.find(instance)?;
-        self.check_stopped(&e, "detach a disk")?;
+        self.check_stopped(&e, "stop it to detach a disk")?;
         let mut idef = lock(&e.def).clone();
         let before = idef.disks.len();
         idef.disks

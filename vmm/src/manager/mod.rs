@@ -451,8 +451,8 @@ impl Manager {
         Ok(out)
     }
 
-    /// Refuses unless the instance is stopped or failed.
-    fn check_stopped(&self, e: &Entry, what: &'static str) -> Result<(), ManagerError> {
+    /// Refuses unless the instance is stopped or failed; `hint` says what to do.
+    fn check_stopped(&self, e: &Entry, hint: &'static str) -> Result<(), ManagerError> {
         let state = lock(&e.rt).state;
         if matches!(state, InstanceState::Stopped | InstanceState::Failed) {
             Ok(())
@@ -460,11 +460,7 @@ impl Manager {
             Err(ManagerError::InvalidState {
                 name: lock(&e.def).name.clone(),
                 state,
-                hint: match what {
-                    "attach a disk" => "stop it to attach a disk",
-                    "detach a disk" => "stop it to detach a disk",
-                    _ => "stop it first",
-                },
+                hint,
             })
         }
     }
@@ -498,11 +494,7 @@ impl Manager {
         let _changes = lock(&self.changes);
         let e = self.find(key)?;
         let cur = e.view();
-        if let Some(tag) = if_match {
-            if tag != "*" && tag != cur.etag() {
-                return Err(ManagerError::PreconditionFailed(cur.etag()));
-            }
-        }
+        model::check_if_match(if_match, &cur.etag())?;
         let mut def = cur.def.clone();
         if let Some(name) = patch.name {
             if name != def.name {
@@ -523,13 +515,7 @@ impl Manager {
             def.auto_start = a;
         }
         if patch.vcpus.is_some() || patch.memory.is_some() {
-            if !matches!(cur.state, InstanceState::Stopped | InstanceState::Failed) {
-                return Err(ManagerError::InvalidState {
-                    name: def.name,
-                    state: cur.state,
-                    hint: "vcpus and memory change only while it is stopped",
-                });
-            }
+            self.check_stopped(&e, "vcpus and memory change only while it is stopped")?;
             let probe = InstanceCreate {
                 name: def.name.clone(),
                 description: String::new(),

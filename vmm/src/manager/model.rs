@@ -230,7 +230,25 @@ pub struct Instance {
 impl Instance {
     /// The entity tag of the definition (`If-Match`).
     pub fn etag(&self) -> String {
-        format!("\"{}-{}\"", self.def.id.simple(), self.def.generation)
+        etag(self.def.id, self.def.generation)
+    }
+}
+
+/// The entity tag of a definition with `id` at `generation`.
+pub(crate) fn etag(id: Uuid, generation: u64) -> String {
+    format!("\"{}-{}\"", id.simple(), generation)
+}
+
+/// Checks an `If-Match` header against the current entity tag (`*` matches anything).
+pub(crate) fn check_if_match(
+    if_match: Option<&str>,
+    current: &str,
+) -> Result<(), super::ManagerError> {
+    match if_match {
+        Some(tag) if tag != "*" && tag != current => {
+            Err(super::ManagerError::PreconditionFailed(current.to_string()))
+        }
+        _ => Ok(()),
     }
 }
 
