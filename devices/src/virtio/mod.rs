@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +36,68 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const INT_VRING: u32 = 1;
 /// Interrupt status bit: the configuration changed (or the device needs reset).
 pub const INT_CONFIG: u32 = 2;
+
+/// The next request the driver made available on `queue`, or `None` when there is none
+/// (or the queue is broken: it is marked so, `what` naming it in the log).
+///
+/// Before answering `None` it re-enables notifications: with `VIRTIO_F_EVENT_IDX` that
+/// publishes `avail_event`, without which the driver would never notify again; a request
+/// added meanwhile is then picked up instead of waiting for a notification.
+pub(crate) fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    interrupt: &VirtioInterrupt,
+    what: &str,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    loop {
+        match queue.iter(mem) {
+            Ok(mut it) => {
+                if let Some(chain) = it.next() {
+                    return Some(chain);
+                }
+            }
+            Err(e) => {
+                interrupt.mark_broken(&format!("{what} queue: {e}"));
+                return None;
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => return None,
+            Err(e) => {
+                interrupt.mark_broken(&format!("{what} queue: {e}"));
+                return None;
+            }
+        }
+    }
+}
+
+/// Returns request `head` to the driver with `len` bytes written; false (and the queue
+/// marked broken) when the used ring cannot be written.
+pub(crate) fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &VirtioInterrupt,
+    head: u16,
+    len: u32,
+    what: &str,
+) -> bool {
+    match queue.add_used(mem, head, len) {
+        Ok(()) => true,
+        Err(e) => {
+            interrupt.mark_broken(&format!("{what} used ring: {e}"));
+            false
+        }
+    }
+}
+
+/// Raises the queue interrupt for requests returned, unless the driver asked not to be
+/// interrupted (EVENT_IDX `used_event`, or the no-interrupt flag).
+pub(crate) fn notify_used(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &VirtioInterrupt) {
+    if queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal(INT_VRING);
+    }
+}
 
 /// The interrupt line of one virtio device and its InterruptStatus register, shared by the
 /// transport (which the guest reads and acknowledges) and the device (which raises it).

@@ -8,11 +8,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::tap::{offload, Tap, VNET_HDR_LEN};
-use super::{ActivateError, Activation, VirtioDevice, VirtioInterrupt, INT_VRING, TYPE_NET};
+use super::{ActivateError, Activation, VirtioDevice, VirtioInterrupt, TYPE_NET};
 
 /// Queue size offered to the driver (RX and TX).
 pub const QUEUE_SIZE: u16 = 256;
@@ -104,16 +104,9 @@ impl Net {
                     }
                 },
             };
-            let chain = match a.rx.iter(&a.mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    a.interrupt.mark_broken(&format!("RX queue: {e}"));
-                    self.pending = Some(len);
-                    return;
-                }
-            };
-            let Some(chain) = chain else {
-                // No buffer: keep the frame and stop reading until the guest posts some.
+            let Some(chain) = super::next_chain(&mut a.rx, &a.mem, &a.interrupt, "RX") else {
+                // No buffer (or a broken queue): keep the frame and stop reading until the
+                // guest posts some.
                 self.pending = Some(len);
                 break;
             };
@@ -132,14 +125,13 @@ impl Net {
             } else {
                 self.stats.rx_frames += 1;
             }
-            if let Err(e) = a.rx.add_used(&a.mem, head, written as u32) {
-                a.interrupt.mark_broken(&format!("RX used ring: {e}"));
+            if !super::add_used(&mut a.rx, &a.mem, &a.interrupt, head, written as u32, "RX") {
                 return;
             }
             delivered = true;
         }
-        if delivered && a.rx.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal(INT_VRING);
+        if delivered {
+            super::notify_used(&mut a.rx, &a.mem, &a.interrupt);
         }
     }
 
@@ -149,15 +141,7 @@ impl Net {
             return;
         };
         let mut sent = false;
-        loop {
-            let chain = match a.tx.iter(&a.mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    a.interrupt.mark_broken(&format!("TX queue: {e}"));
-                    return;
-                }
-            };
-            let Some(chain) = chain else { break };
+        while let Some(chain) = super::next_chain(&mut a.tx, &a.mem, &a.interrupt, "TX") {
             let head = chain.head_index();
             let frame = match virtio_queue::Reader::<()>::new(&a.mem, chain) {
                 Ok(mut r) => {
@@ -179,14 +163,13 @@ impl Net {
                 },
                 None => self.stats.dropped += 1,
             }
-            if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
-                a.interrupt.mark_broken(&format!("TX used ring: {e}"));
+            if !super::add_used(&mut a.tx, &a.mem, &a.interrupt, head, 0, "TX") {
                 return;
             }
             sent = true;
         }
-        if sent && a.tx.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal(INT_VRING);
+        if sent {
+            super::notify_used(&mut a.tx, &a.mem, &a.interrupt);
         }
     }
 }
