@@ -300,3 +300,88 @@ fn definitions_survive_a_restart_and_auto_start_comes_back() {
     assert_eq!(state(&m, "auto"), InstanceState::Running);
     m.shutdown();
 }
+
+#[test]
+fn console_input_to_a_guest_that_does_not_read_is_refused_not_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(dir.path());
+    m.create(probe_instance("deaf", "hlt")).unwrap();
+    assert_eq!(
+        act(&m, "deaf", ActionKind::Start, false),
+        OperationState::Succeeded
+    );
+    assert!(
+        wait_console(&m, "deaf", "PROBE-OK hlt", 1),
+        "{}",
+        console(&m, "deaf")
+    );
+    assert_eq!(
+        act(&m, "deaf", ActionKind::Pause, false),
+        OperationState::Succeeded
+    );
+    // A paused guest reads nothing: a pipe's worth of input fills up.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let m2 = m.clone();
+    std::thread::spawn(move || {
+        let mut last = Ok(());
+        for _ in 0..64 {
+            last = m2.console_input("deaf", &[b'x'; 16 << 10]);
+            if last.is_err() {
+                break;
+            }
+        }
+        let _ = tx.send(last);
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("console input hung");
+    assert!(matches!(r, Err(ManagerError::InUse(_))), "{r:?}");
+    // The manager still answers, and the instance can be stopped.
+    assert_eq!(m.get("deaf").unwrap().state, InstanceState::Paused);
+    assert_eq!(
+        act(&m, "deaf", ActionKind::Stop, true),
+        OperationState::Succeeded
+    );
+}
+
+#[test]
+fn concurrent_starts_start_one_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(dir.path());
+    m.create(probe_instance("once", "hlt")).unwrap();
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (m, b) = (m.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                b.wait();
+                m.action(
+                    "once",
+                    Action {
+                        action: ActionKind::Start,
+                        force: false,
+                        timeout_s: 10,
+                    },
+                )
+                .is_ok()
+            })
+        })
+        .collect();
+    let started = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(started, 1);
+    assert!(
+        wait_console(&m, "once", "PROBE-OK hlt", 1),
+        "{}",
+        console(&m, "once")
+    );
+    assert_eq!(
+        act(&m, "once", ActionKind::Stop, true),
+        OperationState::Succeeded
+    );
+    // One VM ran: one banner.
+    assert_eq!(console(&m, "once").matches("KILN-PROBE").count(), 1);
+}

@@ -92,7 +92,9 @@ struct Runtime {
     started_at: Option<String>,
     handle: Option<VmHandle>,
     thread: Option<JoinHandle<()>>,
-    input: Option<File>,
+    /// The write end of the serial input pipe (non-blocking), shared so that writers
+    /// never hold `rt` while they write.
+    input: Option<Arc<File>>,
 }
 
 struct Entry {
@@ -591,6 +593,8 @@ impl Manager {
 
     /// Deletes a stopped or failed instance; `force` hard-stops a running one first.
     pub fn delete(&self, key: &str, force: bool) -> Result<(), ManagerError> {
+        // Under the same lock as actions: no start slips in between the check and the removal.
+        let _changes = lock(&self.changes);
         let e = self.find(key)?;
         let state = lock(&e.rt).state;
         if !matches!(state, InstanceState::Stopped | InstanceState::Failed) {
@@ -652,18 +656,25 @@ impl Manager {
     pub fn console_input(&self, key: &str, bytes: &[u8]) -> Result<(), ManagerError> {
         use std::io::Write;
         let e = self.find(key)?;
-        let mut rt = lock(&e.rt);
-        let state = rt.state;
-        match rt.input.as_mut() {
-            Some(f) => f
-                .write_all(bytes)
-                .map_err(|err| ManagerError::Internal(format!("console input: {err}"))),
-            None => Err(ManagerError::InvalidState {
+        let (input, state) = {
+            let rt = lock(&e.rt);
+            (rt.input.clone(), rt.state)
+        };
+        let Some(f) = input else {
+            return Err(ManagerError::InvalidState {
                 name: lock(&e.def).name.clone(),
                 state,
                 hint: "start it first",
-            }),
-        }
+            });
+        };
+        // The pipe is non-blocking: a guest that does not read its serial port (or is
+        // paused) fills it, and the writer gets an error instead of hanging.
+        (&*f).write_all(bytes).map_err(|err| match err.kind() {
+            std::io::ErrorKind::WouldBlock => ManagerError::InUse(
+                "the guest is not reading its serial console; input not sent".into(),
+            ),
+            _ => ManagerError::Internal(format!("console input: {err}")),
+        })
     }
 
     fn set_state(&self, e: &Entry, state: InstanceState, reason: Option<String>) {
@@ -681,6 +692,9 @@ impl Manager {
     pub fn action(self: &Arc<Self>, key: &str, action: Action) -> Result<Operation, ManagerError> {
         use ActionKind::*;
         use InstanceState::*;
+        // Checking the state and moving it happen under the definitions lock, which every
+        // other change (delete, attach, PATCH) takes too: two starts cannot both pass.
+        let _changes = lock(&self.changes);
         let e = self.find(key)?;
         let state = lock(&e.rt).state;
         let (fits, hint) = match action.action {
@@ -880,6 +894,8 @@ impl Manager {
         }
         // SAFETY: fresh fds from pipe2.
         let (input_r, input_w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETFL on an fd we own.
+        unsafe { libc::fcntl(fds[1], libc::F_SETFL, libc::O_NONBLOCK) };
         let console = Console {
             output: Box::new(e.console.clone()),
             input: Some(input_r),
@@ -906,7 +922,7 @@ impl Manager {
         {
             let mut rt = lock(&e.rt);
             rt.handle = Some(vm.handle());
-            rt.input = Some(input_w);
+            rt.input = Some(Arc::new(input_w));
             rt.started_at = None;
         }
         let (m, entry) = (self.clone(), e.clone());
