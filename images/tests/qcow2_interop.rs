@@ -412,3 +412,39 @@ fn open_disk_detects_raw() {
     assert_eq!(read_all(d.as_mut()), pattern(5, 8192));
     assert!(!d.read_only());
 }
+
+#[test]
+fn writes_reuse_the_clusters_a_discard_freed() {
+    // Every other cluster of 16 MiB discarded, then 8 MiB of new data elsewhere: the new
+    // clusters go into the holes, and the file does not grow.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("holes.qcow2");
+    Qcow2Disk::create(&img, 32 * MIB, DEFAULT_CLUSTER_BITS, None).unwrap();
+    let cs = 1u64 << DEFAULT_CLUSTER_BITS;
+    let mut d = Qcow2Disk::open(&img, false, &OpenOptions::default()).unwrap();
+    d.write_at(&pattern(1, 16 * MIB as usize), 0).unwrap();
+    d.flush().unwrap();
+    for c in (0..16 * MIB / cs).step_by(2) {
+        d.discard(c * cs, cs).unwrap();
+    }
+    d.flush().unwrap();
+    let before = std::fs::metadata(&img).unwrap().len();
+    let data = pattern(2, 8 * MIB as usize);
+    d.write_at(&data, 16 * MIB).unwrap();
+    d.flush().unwrap();
+    let after = std::fs::metadata(&img).unwrap().len();
+    assert!(
+        after <= before + cs,
+        "the file grew from {before} to {after} bytes"
+    );
+    let mut got = vec![0u8; data.len()];
+    d.read_at(&mut got, 16 * MIB).unwrap();
+    assert!(got == data);
+    drop(d);
+    let out = qemu_img(&["check", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

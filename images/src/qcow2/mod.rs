@@ -459,6 +459,8 @@ impl DiskBackend for Qcow2Disk {
         if self.read_only {
             return Ok(());
         }
+        // A flush ends a burst of writes: what was reserved for it goes back.
+        self.release_reserved()?;
         self.sync_and_free()
     }
 
@@ -502,7 +504,7 @@ impl DiskBackend for Qcow2Disk {
 impl Drop for Qcow2Disk {
     fn drop(&mut self) {
         if !self.read_only {
-            if let Err(e) = self.sync_and_free() {
+            if let Err(e) = self.release_reserved().and_then(|()| self.sync_and_free()) {
                 tracing::warn!("closing {}: {e}", self.path.display());
             }
         }

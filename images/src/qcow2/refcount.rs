@@ -316,6 +316,18 @@ impl Refcounts {
     /// Allocates `n` contiguous free clusters (refcount 1) and returns the first's index.
     /// The new refcounts are cached: [`Refcounts::flush`] before anything refers to them.
     pub fn alloc(&mut self, file: &File, n: u64) -> Result<u64> {
+        Ok(self.alloc_run(file, n, true)?.0)
+    }
+
+    /// Allocates the first run of free clusters, at most `n` long (so that freed holes are
+    /// reused); returns its first cluster and length.
+    pub fn alloc_up_to(&mut self, file: &File, n: u64) -> Result<(u64, u64)> {
+        self.alloc_run(file, n, false)
+    }
+
+    /// Allocates a run of free clusters: exactly `n` when `exact`, else the first free run
+    /// cut to `n`. The new refcounts are cached, as for [`Refcounts::alloc`].
+    fn alloc_run(&mut self, file: &File, n: u64, exact: bool) -> Result<(u64, u64)> {
         // Refcounts only ever cover clusters inside the file, bar a few leaked by a crash
         // between an allocation and its write: a scan far past the end means the refcounts
         // are corrupt (and would otherwise make the scan run for ever).
@@ -334,6 +346,9 @@ impl Refcounts {
                 self.scan_limit = (file_len.div_ceil(self.cs()) + slack)
                     .min(MAX_HOST_OFFSET >> self.cluster_bits);
             }
+            if c >= self.scan_limit && !exact && run_len > 0 {
+                break;
+            }
             if c >= self.scan_limit {
                 return Err(self.corrupt(
                     "no free cluster: refcounts claim clusters far past the end of the file".into(),
@@ -345,11 +360,14 @@ impl Refcounts {
                 }
                 first_free.get_or_insert(c);
                 run_len += 1;
+            } else if !exact && run_len > 0 {
+                break;
             } else {
                 run_len = 0;
             }
             c += 1;
         }
+        let n = run_len;
         // Every cluster scanned before the first free one is in use. (Set before the
         // refcounts below, which may free the old refcount table and lower the hint.)
         self.free_hint = match first_free {
@@ -360,7 +378,7 @@ impl Refcounts {
         for k in 0..n {
             self.set(file, run_start + k, 1, avoid)?;
         }
-        Ok(run_start)
+        Ok((run_start, n))
     }
 
     /// Decrements the refcount of `cluster`; a cluster that becomes free is punched out of the

@@ -196,10 +196,10 @@ impl Qcow2Disk {
             let cap = (self.rc.block_entries() / 2)
                 .min(RESERVE_MAX_BYTES >> self.cluster_bits)
                 .max(1);
-            let n = self.reserve_next.min(cap);
-            let c = self.rc.alloc(&self.file, n)?;
+            let want = self.reserve_next.min(cap);
+            let (c, n) = self.rc.alloc_up_to(&self.file, want)?;
             self.reserved = c..c + n;
-            self.reserve_next = (n * 2).min(cap);
+            self.reserve_next = (want * 2).min(cap);
         }
         let c = self.reserved.start;
         self.reserved.start += 1;
@@ -207,7 +207,7 @@ impl Qcow2Disk {
     }
 
     /// Gives back the clusters reserved and not used (a crash before this only leaks them).
-    fn release_reserved(&mut self) -> Result<()> {
+    pub(super) fn release_reserved(&mut self) -> Result<()> {
         self.reserve_next = RESERVE_MIN;
         for c in std::mem::replace(&mut self.reserved, 0..0) {
             self.rc.decref(&self.file, c)?;
@@ -218,7 +218,6 @@ impl Qcow2Disk {
     /// Syncs the file, then applies the queued reference drops (whose metadata is now
     /// durable) and syncs again so that the freed space is durable too.
     pub(super) fn sync_and_free(&mut self) -> Result<()> {
-        self.release_reserved()?;
         self.rc.flush(&self.file)?;
         self.file
             .sync_data()
