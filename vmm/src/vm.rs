@@ -78,6 +78,9 @@ pub(crate) enum Outcome {
 pub(crate) struct PauseGate {
     state: Mutex<PauseState>,
     changed: Condvar,
+    /// `state.paused`, readable without the lock: every vCPU looks at it before every
+    /// `KVM_RUN`, and a shared lock there would make them contend on each exit.
+    paused: AtomicBool,
 }
 
 #[derive(Default)]
@@ -90,6 +93,11 @@ impl PauseGate {
     /// Called by a vCPU thread before each `KVM_RUN`: blocks while the VM is paused and the
     /// boot is not ending.
     pub fn park_while_paused(&self, control: &BootControl) {
+        // A pause that lands just after this check is not missed: pause() kicks the vCPUs
+        // out of KVM_RUN until all of them are parked.
+        if !self.paused.load(Ordering::Acquire) {
+            return;
+        }
         let mut s = lock(&self.state);
         if !s.paused {
             return;
@@ -104,6 +112,12 @@ impl PauseGate {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
         s.parked -= 1;
+    }
+
+    fn set_paused(&self, paused: bool) {
+        lock(&self.state).paused = paused;
+        self.paused.store(paused, Ordering::Release);
+        self.changed.notify_all();
     }
 }
 
@@ -260,7 +274,7 @@ impl VmHandle {
     /// they have all stopped, at most `timeout`.
     pub fn pause(&self, timeout: Duration) -> Result<(), HandleError> {
         let gate = &self.0.gate;
-        lock(&gate.state).paused = true;
+        gate.set_paused(true);
         let end = std::time::Instant::now() + timeout;
         loop {
             let current = lock(&self.0.current).clone();
@@ -287,13 +301,12 @@ impl VmHandle {
 
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
-        lock(&self.0.gate.state).paused = false;
-        self.0.gate.changed.notify_all();
+        self.0.gate.set_paused(false);
     }
 
     /// True while the VM is paused.
     pub fn is_paused(&self) -> bool {
-        lock(&self.0.gate.state).paused
+        self.0.gate.paused.load(Ordering::Acquire)
     }
 }
 
