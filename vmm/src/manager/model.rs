@@ -23,10 +23,24 @@ pub enum InstanceState {
     Failed,
 }
 
+impl InstanceState {
+    /// The state's name in the API (as serialised).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::Rebooting => "rebooting",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 impl std::fmt::Display for InstanceState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).ok();
-        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+        f.write_str(self.as_str())
     }
 }
 
@@ -307,4 +321,18 @@ pub fn check_name(name: &str) -> Result<(), String> {
 /// Now, as RFC 3339 with milliseconds (definitions load in this order).
 pub fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InstanceState::*;
+
+    #[test]
+    fn state_names_are_the_serialised_ones() {
+        for s in [
+            Stopped, Starting, Running, Paused, Stopping, Rebooting, Failed,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
 }
