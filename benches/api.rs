@@ -14,8 +14,10 @@
 //!
 //! Figures only: nothing here asserts a time.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,62 +28,7 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-const BANNER: &str = "KILN-PROBE v1 ";
-
-/// `kiln serve` as a child; SIGTERM on drop.
-struct Serve {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Serve {
-    fn start(dir: &Path) -> Serve {
-        let socket = dir.join("kiln.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn kiln serve");
-        let end = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < end, "kiln serve made no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Serve { child, socket }
-    }
-
-    /// VmRSS of the server, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("/proc/PID/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        // SAFETY: SIGTERM to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{arg, Serve, BANNER};
 
 /// One kept-alive HTTP/1 connection.
 struct Conn {
@@ -246,26 +193,18 @@ async fn start_to_banner(socket: &Path, c: &mut Conn, runs: usize) -> Vec<Durati
     out
 }
 
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let requests = arg(&args, "--requests", 5000);
-    let runs = arg(&args, "--runs", 20).max(1);
-    let vms = arg(&args, "--vms", 50).max(1);
+    let requests = arg(&args, "--requests", 5000usize);
+    let runs = arg(&args, "--runs", 20usize).max(1);
+    let vms = arg(&args, "--vms", 50usize).max(1);
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .expect("the API benchmark boots guests and needs /dev/kvm");
     let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path());
+    let serve = Serve::start(dir.path(), Stdio::inherit());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

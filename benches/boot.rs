@@ -7,13 +7,15 @@
 //! GUESTS.md's reference configuration) has neither ACPI power-off nor an i8042 there, so its
 //! probe triple-faults and QEMU exits through `-no-reboot`.
 
+mod common;
+
 use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BANNER: &[u8] = b"KILN-PROBE v1 ";
+use common::{arg, has, probe_elf, qemu_microvm, strings, Microvm};
+
+const BANNER: &[u8] = common::BANNER.as_bytes();
 
 struct Sample {
     banner: Duration,
@@ -69,18 +71,6 @@ fn one_run(cmd: &[String]) -> Sample {
     }
 }
 
-/// The probe.elf build.rs embedded (newest, if several builds exist).
-fn probe_elf() -> PathBuf {
-    let build = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/build");
-    std::fs::read_dir(&build)
-        .expect("target/release/build")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("out/probe.elf"))
-        .filter(|p| p.exists() && p.metadata().is_ok_and(|m| m.len() > 0))
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-        .expect("probe.elf not found: cargo build --release first")
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -93,17 +83,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let runs = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(20usize);
-    let with_qemu = !args.iter().any(|a| a == "--no-qemu");
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let runs = arg(&args, "--runs", 20usize);
+    let with_qemu = !has(&args, "--no-qemu");
     let mut subjects = vec![(
         "kiln",
-        s(&[
+        strings(&[
             env!("CARGO_BIN_EXE_kiln"),
             "run",
             "--cpus",
@@ -115,32 +99,19 @@ fn main() {
         ]),
     )];
     if with_qemu {
-        let probe = probe_elf();
         subjects.push((
             "qemu-microvm",
-            s(&[
-                "qemu-system-x86_64",
-                "-M",
-                "microvm,acpi=off",
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host,-arch-capabilities",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-                "-smp",
-                "1",
-                "-m",
-                "256",
-                "-kernel",
-                probe.to_str().unwrap(),
-                "-append",
-                "console=ttyS0 probe=triplefault",
-            ]),
+            qemu_microvm(
+                &probe_elf(),
+                Microvm {
+                    machine: "microvm,acpi=off",
+                    smp: Some(1),
+                    memory_mib: 256,
+                    modern_virtio: false,
+                    devices: Vec::new(),
+                    append: "console=ttyS0 probe=triplefault".into(),
+                },
+            ),
         ));
     }
     let mut results: Vec<Vec<Sample>> = subjects.iter().map(|_| Vec::new()).collect();
@@ -171,5 +142,4 @@ fn main() {
             codes
         );
     }
-    let _ = std::io::stdout().as_raw_fd();
 }

@@ -22,12 +22,14 @@
 //!
 //! Files go to /var/tmp/kiln-bench-images (about 7 GiB at the peak; removed at the end).
 
+mod common;
+
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -37,78 +39,14 @@ use hyper::body::{Frame, SizeHint};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
+use common::{
+    arg, bench_run, has, mbps, probe_elf, qemu_microvm, strings, BenchResult, Microvm, Serve,
+};
+
 const DIR: &str = "/var/tmp/kiln-bench-images";
 const DISK_MIB: u64 = 1024;
 const SEQ_KB: u64 = 256;
 const RAND_KB: u64 = 4;
-
-fn probe_elf() -> PathBuf {
-    let build = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/build");
-    std::fs::read_dir(&build)
-        .expect("target/release/build")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("out/probe.elf"))
-        .filter(|p| p.exists() && p.metadata().is_ok_and(|m| m.len() > 0))
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-        .expect("probe.elf: cargo build --release first")
-}
-
-/// One benchmark command's result: bytes and host-measured time, or its failure line.
-type BenchResult = Result<(u64, Duration), String>;
-
-/// Runs a VMM command; returns each bench command's result in order (an END line, or the
-/// FAIL line that replaced it).
-fn bench_run(cmd: &[String], limit: Duration) -> Vec<BenchResult> {
-    let mut child = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", cmd[0]));
-    let out = child.stdout.take().unwrap();
-    let deadline = Instant::now() + limit;
-    let mut start = None;
-    let mut results = Vec::new();
-    for line in BufReader::new(out).lines().map_while(Result::ok) {
-        let line = line.trim_end_matches('\r').to_string();
-        if line.starts_with("PROBE-BENCH-START") {
-            start = Some(Instant::now());
-        } else if line.starts_with("PROBE-BENCH-END") {
-            if let Some(s) = start.take() {
-                results.push(Ok((field(&line, "bytes="), s.elapsed())));
-            }
-        } else if line.starts_with("PROBE-FAIL blk") {
-            eprintln!("{}: {line}", cmd[0]);
-            start = None;
-            results.push(Err(line.clone()));
-        }
-        if line.starts_with("PROBE-DONE")
-            || line == "PROBE-OK poweroff"
-            || line == "PROBE-OK triplefault"
-            || Instant::now() > deadline
-        {
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    results
-}
-
-fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
-fn mbps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e6
-}
-
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
 
 fn run_ok(cmd: &str, args: &[&str]) {
     let st = Command::new(cmd)
@@ -163,7 +101,7 @@ enum Prep {
 /// The guest command line and the VMM command for `subject` on `img`.
 fn vmm_cmd(subject: &str, probe: &Path, img: &Path, fmt: &str, cmds: &str) -> Vec<String> {
     if subject == "kiln" {
-        let mut v = s(&[env!("CARGO_BIN_EXE_kiln"), "run", "--memory", "256MiB"]);
+        let mut v = strings(&[env!("CARGO_BIN_EXE_kiln"), "run", "--memory", "256MiB"]);
         v.push("--disk".into());
         v.push(format!("path={}", img.display()));
         v.push("--cmdline".into());
@@ -171,33 +109,23 @@ fn vmm_cmd(subject: &str, probe: &Path, img: &Path, fmt: &str, cmds: &str) -> Ve
         v
     } else {
         // microvm adds the virtio_mmio.device= token of the disk to the command line itself.
-        let mut v = s(&[
-            "qemu-system-x86_64",
-            "-M",
-            "microvm,acpi=off",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-m",
-            "256",
-            "-global",
-            "virtio-mmio.force-legacy=false",
-            "-kernel",
-            probe.to_str().unwrap(),
-            "-drive",
-        ]);
-        v.push(format!("if=none,id=d0,file={},format={fmt}", img.display()));
-        v.extend(s(&["-device", "virtio-blk-device,drive=d0", "-append"]));
-        // No ACPI power-off on microvm,acpi=off: a triple fault ends QEMU (-no-reboot).
-        v.push(format!("console=ttyS0 probe={cmds},triplefault"));
-        v
+        qemu_microvm(
+            probe,
+            Microvm {
+                machine: "microvm,acpi=off",
+                smp: None,
+                memory_mib: 256,
+                modern_virtio: true,
+                devices: vec![
+                    "-drive".into(),
+                    format!("if=none,id=d0,file={},format={fmt}", img.display()),
+                    "-device".into(),
+                    "virtio-blk-device,drive=d0".into(),
+                ],
+                // No ACPI power-off on microvm,acpi=off: a triple fault ends QEMU (-no-reboot).
+                append: format!("console=ttyS0 probe={cmds},triplefault"),
+            },
+        )
     }
 }
 
@@ -345,11 +273,11 @@ fn blk(with_qemu: bool, count: u64) {
         let cell = |i: usize| match &r.cells[i] {
             None => "-".to_string(),
             Some(Err(_)) => "FAIL".to_string(),
-            Some(Ok((b, d))) if i < 2 => format!("{:.0}", mbps(*b, *d)),
-            Some(Ok((b, d))) => format!(
+            Some(Ok(b)) if i < 2 => format!("{:.0}", b.mbps()),
+            Some(Ok(b)) => format!(
                 "{:.0} ({:.1})",
-                (*b / (RAND_KB << 10)) as f64 / d.as_secs_f64(),
-                mbps(*b, *d)
+                (b.bytes() / (RAND_KB << 10)) as f64 / b.time.as_secs_f64(),
+                b.mbps()
             ),
         };
         println!(
@@ -413,33 +341,8 @@ fn empty() -> http_body_util::combinators::BoxBody<Bytes, BoxError> {
         .boxed()
 }
 
-struct Serve {
-    child: Child,
-    socket: PathBuf,
-}
-
+// The disk calls of this bench, on the shared `kiln serve` child.
 impl Serve {
-    fn start(dir: &Path) -> Serve {
-        let socket = dir.join("kiln.sock");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn kiln serve");
-        let end = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < end, "kiln serve did not come up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Serve { child, socket }
-    }
-
     async fn send(
         &self,
         req: Request<http_body_util::combinators::BoxBody<Bytes, BoxError>>,
@@ -520,14 +423,6 @@ impl Serve {
     }
 }
 
-impl Drop for Serve {
-    fn drop(&mut self) {
-        // SAFETY: SIGTERM to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
 /// A 1 GiB file of non-zero bytes (no 512-byte block of zeros anywhere).
 fn make_dense(path: &Path, mib: u64) {
     let mut f = File::create(path).unwrap();
@@ -563,7 +458,7 @@ fn api() {
     let sparse = dir.join("sparse-4g.raw");
     make_dense(&dense, 1024);
     make_sparse(&sparse);
-    let serve = Serve::start(dir);
+    let serve = Serve::start(dir, Stdio::null());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -641,19 +536,13 @@ fn api() {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let has = |a: &str| args.iter().any(|x| x == a);
-    let with_qemu = !has("--no-qemu");
-    let count = args
-        .iter()
-        .position(|a| a == "--count")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16384u64);
+    let with_qemu = !has(&args, "--no-qemu");
+    let count = arg(&args, "--count", 16384u64);
     std::fs::create_dir_all(DIR).unwrap();
-    if !has("--no-blk") {
+    if !has(&args, "--no-blk") {
         blk(with_qemu, count);
     }
-    if !has("--no-api") {
+    if !has(&args, "--no-api") {
         api();
     }
     let _ = std::io::stdout().flush();

@@ -7,101 +7,34 @@
 //!
 //! Needs root (network namespace, TAP). Traffic stays inside a namespace it creates.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{arg, bench_run, has, mbps, probe_elf, qemu_microvm, strings, Microvm};
+
 const NS: &str = "kiln-bench-io";
 const HOST_IP: &str = "10.78.0.1";
 const GUEST_IP: &str = "10.78.0.2";
 const TAP: &str = "kbtap0";
 
-fn probe_elf() -> PathBuf {
-    let build = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/build");
-    std::fs::read_dir(&build)
-        .expect("target/release/build")
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("out/probe.elf"))
-        .filter(|p| p.exists())
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-        .expect("probe.elf: cargo build --release first")
-}
-
-/// Runs a VMM command and returns the durations between each START/END pair, in order.
-fn bench_run(cmd: &[String], limit: Duration) -> Vec<(String, Duration)> {
-    let mut child = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let out = child.stdout.take().unwrap();
-    let deadline = Instant::now() + limit;
-    let mut start = None;
-    let mut results = Vec::new();
-    for line in BufReader::new(out).lines().map_while(Result::ok) {
-        let line = line.trim_end_matches('\r').to_string();
-        if line.starts_with("PROBE-BENCH-START") {
-            start = Some(Instant::now());
-        } else if line.starts_with("PROBE-BENCH-END") {
-            if let Some(s) = start.take() {
-                results.push((line.clone(), s.elapsed()));
-            }
-        } else if line.starts_with("PROBE-FAIL") {
-            eprintln!("{}: {line}", cmd[0]);
-        }
-        if line.starts_with("PROBE-DONE")
-            || line == "PROBE-OK poweroff"
-            || Instant::now() > deadline
-        {
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    results
-}
-
-fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
-
-fn mbps(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e6
-}
-
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
-fn qemu_base(probe: &Path, mem: &str) -> Vec<String> {
-    s(&[
-        "qemu-system-x86_64",
-        "-M",
-        "microvm,acpi=off,rtc=on",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-m",
-        mem,
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        "-kernel",
-        probe.to_str().unwrap(),
-    ])
+/// QEMU microvm for this bench: an RTC, virtio 1.0 devices.
+fn qemu(probe: &Path, memory_mib: u32, devices: Vec<String>, append: String) -> Vec<String> {
+    qemu_microvm(
+        probe,
+        Microvm {
+            machine: "microvm,acpi=off,rtc=on",
+            smp: None,
+            memory_mib,
+            modern_virtio: true,
+            devices,
+            append,
+        },
+    )
 }
 
 fn disk(mib: u64, with_qemu: bool, probe: &Path) {
@@ -131,27 +64,30 @@ fn disk(mib: u64, with_qemu: bool, probe: &Path) {
     ];
     let mut subjects = vec![("kiln", kiln)];
     if with_qemu {
-        let mut q = qemu_base(probe, "512");
-        q.extend(s(&[
-            "-drive",
-            &format!("id=d0,file={},format=raw,if=none", img.display()),
-            "-device",
-            "virtio-blk-device,drive=d0",
-            "-append",
-        ]));
-        q.push(format!("console=ttyS0 probe={cmds}"));
+        let q = qemu(
+            probe,
+            512,
+            strings(&[
+                "-drive",
+                &format!("id=d0,file={},format=raw,if=none", img.display()),
+                "-device",
+                "virtio-blk-device,drive=d0",
+            ]),
+            format!("console=ttyS0 probe={cmds}"),
+        );
         subjects.push(("qemu-microvm", q));
     }
     println!("virtio-blk, {mib} MiB sequential, 256 KiB requests (MB/s)");
     println!("{:14} {:>10} {:>10}", "subject", "read", "write");
     for (name, cmd) in subjects {
+        // One result per bench command, in order (read, write), failures included.
         let r = bench_run(&cmd, Duration::from_secs(600));
-        let get = |i: usize| {
-            r.get(i)
-                .map(|(l, d)| mbps(field(l, "bytes="), *d))
-                .unwrap_or(0.0)
+        let get = |i: usize| match r.get(i) {
+            Some(Ok(b)) => format!("{:.0}", b.mbps()),
+            Some(Err(_)) => "FAIL".to_string(),
+            None => "-".to_string(),
         };
-        println!("{name:14} {:>10.0} {:>10.0}", get(0), get(1));
+        println!("{name:14} {:>10} {:>10}", get(0), get(1));
     }
     let dd = |args: &[&str]| {
         let t = Instant::now();
@@ -216,7 +152,7 @@ fn net(with_qemu: bool, probe: &Path) {
     let frames = 200_000;
     let size = 1400;
     let cmds = format!("net-ip:0:{GUEST_IP},net-blast:0:{HOST_IP}:9000:{frames}:{size},poweroff");
-    let mut kiln = s(&[
+    let mut kiln = strings(&[
         "ip",
         "netns",
         "exec",
@@ -230,16 +166,18 @@ fn net(with_qemu: bool, probe: &Path) {
     kiln.push(format!("console=ttyS0 probe={cmds}"));
     let mut subjects = vec![("kiln", kiln)];
     if with_qemu {
-        let mut q = s(&["ip", "netns", "exec", NS]);
-        q.extend(qemu_base(probe, "256"));
-        q.extend(s(&[
-            "-netdev",
-            &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"),
-            "-device",
-            "virtio-net-device,netdev=n0,mac=02:00:00:00:00:02",
-            "-append",
-        ]));
-        q.push(format!("console=ttyS0 probe={cmds}"));
+        let mut q = strings(&["ip", "netns", "exec", NS]);
+        q.extend(qemu(
+            probe,
+            256,
+            strings(&[
+                "-netdev",
+                &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"),
+                "-device",
+                "virtio-net-device,netdev=n0,mac=02:00:00:00:00:02",
+            ]),
+            format!("console=ttyS0 probe={cmds}"),
+        ));
         subjects.push(("qemu-microvm", q));
     }
     println!("virtio-net TX over TAP, {frames} UDP datagrams of {size} bytes");
@@ -266,15 +204,15 @@ fn net(with_qemu: bool, probe: &Path) {
         let r = bench_run(&cmd, Duration::from_secs(300));
         let got = recv.join().unwrap();
         match r.first() {
-            Some((l, d)) => {
-                let f = field(l, "frames=");
+            Some(Ok(b)) => {
                 println!(
                     "{name:14} {:>12.0} {:>10.1} {:>12}",
-                    f as f64 / d.as_secs_f64(),
-                    mbps(field(l, "bytes="), *d),
+                    b.field("frames=") as f64 / b.time.as_secs_f64(),
+                    b.mbps(),
                     got
                 );
             }
+            Some(Err(_)) => println!("{name:14} {:>12} {:>10} {:>12}", "FAIL", "FAIL", got),
             None => println!("{name:14} (no result)"),
         }
     }
@@ -282,13 +220,8 @@ fn net(with_qemu: bool, probe: &Path) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let with_qemu = !args.iter().any(|a| a == "--no-qemu");
-    let mib = args
-        .iter()
-        .position(|a| a == "--mib")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024u64);
+    let with_qemu = !has(&args, "--no-qemu");
+    let mib = arg(&args, "--mib", 1024u64);
     let probe = probe_elf();
     disk(mib, with_qemu, &probe);
     net(with_qemu, &probe);
