@@ -289,6 +289,24 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ErrorRendered;
 
+/// Each manager refusal maps onto one API error code (API.md).
+impl From<vmm::manager::ManagerError> for ApiError {
+    fn from(e: vmm::manager::ManagerError) -> Self {
+        use vmm::manager::ManagerError as M;
+        let msg = e.to_string();
+        match e {
+            M::NotFound(..) => ApiError::not_found(msg),
+            M::InvalidState { .. } => ApiError::invalid_state(msg),
+            M::AlreadyExists(..) => ApiError::already_exists(msg),
+            M::InvalidValue { field, message } => ApiError::invalid_value(&field, message),
+            M::InsufficientCapacity(_) => ApiError::insufficient_capacity(msg),
+            M::PreconditionFailed(_) => ApiError::precondition_failed(msg),
+            M::InUse(_) => ApiError::in_use(msg),
+            M::Internal(_) => ApiError::internal(msg),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use uuid::Uuid;
-use vmm::manager::{Action, InstanceCreate, InstancePatch, Manager, ManagerError};
+use vmm::manager::{Action, InstanceCreate, InstancePatch, Manager};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::json::ApiJson;
@@ -32,24 +32,6 @@ impl axum::extract::FromRequestParts<AppState> for Mgr {
             .clone()
             .map(Mgr)
             .ok_or_else(|| ApiError::internal("this server has no instance manager"))
-    }
-}
-
-impl From<ManagerError> for ApiError {
-    fn from(e: ManagerError) -> Self {
-        let msg = e.to_string();
-        match e {
-            ManagerError::NotFound(..) => ApiError::not_found(msg),
-            ManagerError::InvalidState { .. } => ApiError::invalid_state(msg),
-            ManagerError::AlreadyExists(..) => ApiError::already_exists(msg),
-            ManagerError::InvalidValue { field, message } => {
-                ApiError::invalid_value(&field, message)
-            }
-            ManagerError::InsufficientCapacity(_) => ApiError::insufficient_capacity(msg),
-            ManagerError::PreconditionFailed(_) => ApiError::precondition_failed(msg),
-            ManagerError::InUse(_) => ApiError::in_use(msg),
-            ManagerError::Internal(_) => ApiError::internal(msg),
-        }
     }
 }
 
@@ -86,12 +68,12 @@ pub(crate) async fn create(
     ApiJson(spec): ApiJson<InstanceCreate>,
 ) -> Result<Response, ApiError> {
     let (inst, _op) = blocking(move || m.create(spec).map_err(ApiError::from)).await?;
-    let location = format!("/v1/instances/{}", inst.def.id);
-    let mut r = (StatusCode::CREATED, Json(&inst)).into_response();
-    r.headers_mut()
-        .insert(header::LOCATION, HeaderValue::from_str(&location).unwrap());
-    r.headers_mut()
-        .insert(header::ETAG, HeaderValue::from_str(&inst.etag()).unwrap());
+    let mut r = with_etag(StatusCode::CREATED, &inst, &inst.etag());
+    r.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&format!("/v1/instances/{}", inst.def.id))
+            .map_err(ApiError::internal)?,
+    );
     Ok(r)
 }
 
@@ -99,10 +81,7 @@ pub(crate) async fn create(
     responses((status = 200, description = "The instance, with an ETag"), (status = 404, body = ErrorBody)))]
 pub(crate) async fn get(Mgr(m): Mgr, Path(key): Path<String>) -> Result<Response, ApiError> {
     let inst = m.get(&key)?;
-    let mut r = Json(&inst).into_response();
-    r.headers_mut()
-        .insert(header::ETAG, HeaderValue::from_str(&inst.etag()).unwrap());
-    Ok(r)
+    Ok(with_etag(StatusCode::OK, &inst, &inst.etag()))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -307,7 +307,7 @@ impl Manager {
                 (format, size, None, DiskSource::Blank)
             }
             DiskSource::Image { image } => {
-                let img = self.find_image(image).map_err(|_| {
+                let img = self.image(image).map_err(|_| {
                     invalid(&f("source.image"), format!("no image named {image:?}"))
                 })?;
                 if img.kind != ImageKind::Disk {

@@ -119,10 +119,6 @@ impl Manager {
 
     /// One image by id or name.
     pub fn image(&self, key: &str) -> Result<Image, ManagerError> {
-        self.find_image(key)
-    }
-
-    pub(crate) fn find_image(&self, key: &str) -> Result<Image, ManagerError> {
         self.images()
             .into_iter()
             .find(|i| i.name == key || i.id.to_string() == key)
@@ -309,7 +305,7 @@ impl Manager {
     /// Deletes an image no instance boots from and no disk is an overlay on.
     pub fn delete_image(&self, key: &str) -> Result<(), ManagerError> {
         let _changes = lock(&self.changes);
-        let img = self.find_image(key)?;
+        let img = self.image(key)?;
         if img.builtin {
             return Err(ManagerError::InUse(format!(
                 "image {} is built into kiln and cannot be deleted",

@@ -265,11 +265,6 @@ impl Manager {
         Ok(m)
     }
 
-    /// The host this manager runs on.
-    pub fn host(&self) -> &Host {
-        &self.host
-    }
-
     fn find(&self, key: &str) -> Result<Arc<Entry>, ManagerError> {
         let entries = lock(&self.entries);
         entries
@@ -377,7 +372,7 @@ impl Manager {
     /// The image of `kind` named `key`, for the field `field`.
     fn boot_image(&self, key: &str, kind: ImageKind, field: &str) -> Result<Image, ManagerError> {
         let img = self
-            .find_image(key)
+            .image(key)
             .map_err(|_| invalid(field, format!("no image named {key:?}; see GET /v1/images")))?;
         if img.kind != kind {
             return Err(invalid(
@@ -900,7 +895,7 @@ impl Manager {
             output: Box::new(e.console.clone()),
             input: Some(input_r),
         };
-        let mut vm = match Vm::new(self.host_arc(), config, console) {
+        let mut vm = match Vm::new(self.host.clone(), config, console) {
             Ok(vm) => vm,
             Err(err) => return fail(err.to_string()),
         };
@@ -954,10 +949,6 @@ impl Manager {
             Err(err) => return fail(format!("cannot start the VM thread: {err}")),
         }
         self.wait_running(e)
-    }
-
-    fn host_arc(&self) -> Arc<Host> {
-        self.host.clone()
     }
 
     fn join(&self, e: &Entry) {
