@@ -121,8 +121,9 @@ fn sdt_with(signature: [u8; 4], revision: u8, body: &[u8]) -> Sdt {
     sdt
 }
 
-/// Builds the MADT: one enabled local APIC per vCPU, the IOAPIC, ISA overrides for the timer
-/// (IRQ0 is wired to IOAPIC pin 2 by KVM) and the SCI (level, active high), and LINT1 as NMI.
+/// Builds the MADT: one enabled local APIC per vCPU, the IOAPIC, ISA overrides for the IRQs
+/// [`crate::irq`] wires to another pin (the timer) and for the SCI (level, active high), and
+/// LINT1 as NMI.
 pub fn madt(cfg: &AcpiConfig) -> Sdt {
     let mut body = Vec::new();
     body.extend((LAPIC_ADDR as u32).to_le_bytes());
@@ -143,8 +144,14 @@ pub fn madt(cfg: &AcpiConfig) -> Sdt {
         e.extend(flags.to_le_bytes());
         e
     };
-    body.extend(iso(0, 2, 0));
-    body.extend(iso(cfg.sci_irq, cfg.sci_irq.into(), 0x000d));
+    for (irq, pin) in crate::irq::isa_overrides() {
+        body.extend(iso(irq, pin, 0));
+    }
+    body.extend(iso(
+        cfg.sci_irq,
+        crate::irq::isa_irq_pin(cfg.sci_irq),
+        0x000d,
+    ));
     // Local APIC NMI: type 4, length 6, all processors, flags 0, LINT1.
     body.extend([4, 6, 0xff, 0, 0, 1]);
     sdt_with(*b"APIC", 3, &body)

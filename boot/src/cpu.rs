@@ -368,6 +368,20 @@ mod tests {
     }
 
     #[test]
+    fn xsave_leaf_passes_through_with_its_features() {
+        // Leaf 0xD must describe exactly the XSAVE features leaves 1 and 7 show: off PVM both
+        // are KVM's, unchanged (KVM keeps 0xD's sizes in step with the guest's XCR0).
+        let c = filter_cpuid(&sample_cpuid(), 0, 2, HostQuirks::default()).unwrap();
+        assert_ne!(find(&c, 1, 0).unwrap().ecx & LEAF1_ECX_XSAVE, 0);
+        assert_eq!(find(&c, 0xd, 0), find(&sample_cpuid(), 0xd, 0));
+        assert_eq!(
+            find(&c, 7, 0).unwrap().ebx,
+            (1 << 5) | 1,
+            "AVX2 stays with its state"
+        );
+    }
+
+    #[test]
     fn pvm_hides_what_its_emulator_cannot_run() {
         let c = filter_cpuid(&sample_cpuid(), 0, 1, HostQuirks { pvm: true }).unwrap();
         let l1 = find(&c, 1, 0).unwrap();

@@ -6,6 +6,7 @@
 
 pub mod acpi;
 pub mod cpu;
+pub mod irq;
 pub mod kernel;
 pub mod layout;
 pub mod mptable;

@@ -2,10 +2,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::irq::{isa_irq_pin, CASCADE_IRQ, ISA_IRQS};
 use crate::layout::{ACPI_START, EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::{Error, Result};
-
-const ISA_IRQS: u8 = 16;
 
 fn checksum(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
@@ -33,10 +32,9 @@ pub fn build(vcpus: u8) -> Vec<u8> {
     entries.extend([2, ioapic_id, 0x11, 1]);
     entries.extend((IOAPIC_ADDR as u32).to_le_bytes());
     count += 1;
-    for irq in 0..ISA_IRQS {
-        // I/O interrupt: INT, conforming polarity/trigger, bus 0, IRQ, IOAPIC, pin (IRQ0 → 2).
-        let pin = if irq == 0 { 2 } else { irq };
-        entries.extend([3, 0, 0, 0, 0, irq, ioapic_id, pin]);
+    for irq in (0..ISA_IRQS).filter(|&i| i != CASCADE_IRQ) {
+        // I/O interrupt: INT, conforming polarity/trigger, bus 0, IRQ, IOAPIC, pin.
+        entries.extend([3, 0, 0, 0, 0, irq, ioapic_id, isa_irq_pin(irq) as u8]);
         count += 1;
     }
     // Local interrupts: ExtINT on LINT0, NMI on LINT1, all processors.

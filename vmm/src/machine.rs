@@ -23,7 +23,9 @@ use devices::virtio::net::Net;
 use devices::virtio::tap::Tap;
 use devices::virtio::{SharedVirtioDevice, VirtioEvents, VirtioInterrupt};
 use devices::{Bus, RequestSink};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, Msrs, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting, Msrs, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -214,6 +216,10 @@ fn create_vm(host: &Host) -> Result<VmFd, VmError> {
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(build_err("TSS address"))?;
     vm.create_irq_chip().map_err(build_err("irqchip"))?;
+    let routes = KvmIrqRouting::from_entries(&boot::irq::kvm_routes())
+        .map_err(|e| VmError::Build(format!("GSI routing: {e:?}")))?;
+    vm.set_gsi_routing(&routes)
+        .map_err(build_err("GSI routing"))?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
