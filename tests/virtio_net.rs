@@ -231,3 +231,28 @@ fn ping_and_udp_both_ways_over_a_tap() {
         "{log:?}"
     );
 }
+
+#[test]
+fn a_guest_with_a_nic_reboots_in_place() {
+    // A TAP takes one owner: the second boot opens it again only if the first let it go.
+    require_kvm();
+    let ns = Netns::new("netreboot");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_kiln")]);
+    let net = format!("tap={TAP}");
+    let r = run_until_then(
+        cmd,
+        &[
+            "run",
+            "--net",
+            &net,
+            "--cmdline",
+            "console=ttyS0 probe=0:reboot,1:reboot-acpi,net-info:0,poweroff",
+        ],
+        &["PROBE-OK poweroff"],
+        Duration::from_secs(30),
+        || {},
+    );
+    assert_eq!(r.count("KILN-PROBE v1"), 3, "{}", r.dump());
+    assert_eq!(r.count("PROBE-OK net-info net0"), 1, "{}", r.dump());
+}

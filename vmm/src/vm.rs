@@ -185,6 +185,15 @@ impl BootControl {
         self.ending.load(Ordering::Acquire)
     }
 
+    /// Drops what the boot's devices left here once the boot is over. The ACPI registers
+    /// hold this control as their request sink, so keeping them would keep both alive for
+    /// good, and with them the boot's eventfds, disk images and TAP (which the next boot
+    /// could then not open: a TAP takes one owner).
+    fn release_devices(&self) {
+        lock(&self.power_button).take();
+        lock(&self.devices).clear();
+    }
+
     fn wait(&self) -> Outcome {
         let mut o = lock(&self.outcome);
         loop {
@@ -391,6 +400,7 @@ impl Vm {
                 Ok(m) => m,
                 Err(e) => {
                     *lock(&self.shared.current) = None;
+                    control.release_devices();
                     return Err(e);
                 }
             };
@@ -398,6 +408,7 @@ impl Vm {
             let outcome = control.wait();
             machine.stop();
             *lock(&self.shared.current) = None;
+            control.release_devices();
             let _ = self.persistent.output.flush();
             match outcome {
                 Outcome::PowerOff => return Ok(Exit::PowerOff),
