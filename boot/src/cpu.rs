@@ -22,11 +22,15 @@ pub struct HostQuirks {
     /// The host KVM is PVM: it emulates non-PVM guests instruction by instruction and its
     /// emulator lacks `cmpxchg16b` and the XSAVE family, so those features are hidden.
     pub pvm: bool,
+    /// KVM emulates the LAPIC's TSC-deadline mode (`KVM_CAP_TSC_DEADLINE_TIMER`). KVM does
+    /// not list it in its supported CPUID: the VMM announces it.
+    pub tsc_deadline: bool,
 }
 
 // CPUID feature bits.
 const LEAF1_ECX_FMA: u32 = 1 << 12;
 const LEAF1_ECX_CX16: u32 = 1 << 13;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
 const LEAF1_ECX_AVX: u32 = 1 << 28;
@@ -66,6 +70,11 @@ pub fn filter_cpuid(supported: &CpuId, id: u8, count: u8, quirks: HostQuirks) ->
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
+                // With it, Linux drives its LAPIC timer by TSC deadline and neither calibrates
+                // it against the PIT nor disables it when that calibration looks off.
+                if quirks.tsc_deadline {
+                    e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     e.edx |= LEAF1_EDX_HTT;
                 }
@@ -368,6 +377,21 @@ mod tests {
     }
 
     #[test]
+    fn tsc_deadline_is_announced_when_kvm_emulates_it() {
+        let without = filter_cpuid(&sample_cpuid(), 0, 1, HostQuirks::default()).unwrap();
+        assert_eq!(
+            find(&without, 1, 0).unwrap().ecx & LEAF1_ECX_TSC_DEADLINE,
+            0
+        );
+        let quirks = HostQuirks {
+            tsc_deadline: true,
+            ..Default::default()
+        };
+        let with = filter_cpuid(&sample_cpuid(), 0, 1, quirks).unwrap();
+        assert_ne!(find(&with, 1, 0).unwrap().ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
     fn xsave_leaf_passes_through_with_its_features() {
         // Leaf 0xD must describe exactly the XSAVE features leaves 1 and 7 show: off PVM both
         // are KVM's, unchanged (KVM keeps 0xD's sizes in step with the guest's XCR0).
@@ -383,7 +407,16 @@ mod tests {
 
     #[test]
     fn pvm_hides_what_its_emulator_cannot_run() {
-        let c = filter_cpuid(&sample_cpuid(), 0, 1, HostQuirks { pvm: true }).unwrap();
+        let c = filter_cpuid(
+            &sample_cpuid(),
+            0,
+            1,
+            HostQuirks {
+                pvm: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let l1 = find(&c, 1, 0).unwrap();
         assert_eq!(l1.ecx & (LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE), 0);
         assert_eq!(l1.ecx & 1, 1, "other features stay");

@@ -60,8 +60,16 @@ impl Host {
             .map_err(HostError::Query)?
             .as_slice()
             .to_vec();
-        let quirks = HostQuirks { pvm: is_pvm() };
-        tracing::debug!(max_vcpus, pvm = quirks.pvm, "opened /dev/kvm");
+        let quirks = HostQuirks {
+            pvm: is_pvm(),
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
+        tracing::debug!(
+            max_vcpus,
+            pvm = quirks.pvm,
+            tsc_deadline = quirks.tsc_deadline,
+            "opened /dev/kvm"
+        );
         Ok(Self {
             kvm,
             max_vcpus,
