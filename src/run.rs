@@ -35,7 +35,8 @@ pub struct RunArgs {
     /// Guest memory: a number of MiB, or a size with a unit (512MiB, 2G).
     #[arg(long, value_name = "SIZE", default_value = "256MiB")]
     memory: String,
-    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID]; repeatable. Raw or qcow2.
+    /// A virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,block_size=512|4096]; repeatable.
+    /// Raw or qcow2.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A virtio-net NIC on a TAP device (created if missing): tap=NAME[,mac=MAC]; repeatable.
@@ -70,7 +71,7 @@ fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
         backing_dirs: Vec::new(),
         block_size: 512,
     };
-    for (k, v) in key_values(spec, &["path", "readonly", "serial"])? {
+    for (k, v) in key_values(spec, &["path", "readonly", "serial", "block_size"])? {
         match k {
             "path" => disk.path = PathBuf::from(v),
             "readonly" => {
@@ -78,6 +79,13 @@ fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
                     "on" | "true" | "yes" => true,
                     "off" | "false" | "no" => false,
                     _ => return Err(format!("readonly={v}: use on or off")),
+                }
+            }
+            "block_size" => {
+                disk.block_size = match v {
+                    "512" => 512,
+                    "4096" => 4096,
+                    _ => return Err(format!("block_size={v}: use 512 or 4096")),
                 }
             }
             _ => disk.serial = v.to_string(),

@@ -19,16 +19,24 @@ declare -A NEED=(
   [ip]=iproute2
   [ping]=iputils-ping
   [/usr/bin/time]=time
+  [debootstrap]=debootstrap
+  [curl]=curl
+  [unshare]=util-linux
 )
 export PATH="$PATH:/usr/sbin:/sbin"
 missing=()
 for cmd in "${!NEED[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
 done
+# Installing qemu-system-x86 removes a newer, backported qemu-utils it does not match: install
+# the two together so that qemu-img stays.
+case " ${missing[*]-} " in
+  *" qemu-system-x86 "*) [[ " ${missing[*]} " == *" qemu-utils "* ]] || missing+=(qemu-utils) ;;
+esac
 # build-guest.sh downloads busybox-static and the cloud kernel with apt-get download:
 # that needs package lists.
 lists_empty=true
-compgen -G "/var/lib/apt/lists/*_Packages" >/dev/null && lists_empty=false
+compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null && lists_empty=false
 
 if [ ${#missing[@]} -eq 0 ] && ! $lists_empty; then
   exit 0
