@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Layer 3: boots real Linux guests under Kiln and checks them (tests/linux/scenarios.sh).
+#
+#   tests/linux/run.sh [--nested | --direct] [SCENARIO...]
+#
+# --direct runs the scenarios on this host (it needs VMX or SVM: a KVM that runs Linux), in a
+# network namespace of their own. --nested boots an L1 Linux under QEMU's TCG, whose emulated
+# SVM gives it a real /dev/kvm, and runs them there (slow, but real hardware-virtualisation
+# semantics on any machine: design/GUESTS.md). Without either, --direct where the host can, else
+# --nested. Prints "KILN-L3-MODE direct|nested", one "KILN-SCENARIO NAME ok|fail ..." line per
+# scenario, and "KILN-SCENARIOS-DONE"; each scenario's log is in DIR/logs/NAME.log.
+#
+# Environment: KILN (default target/release/kiln), KILN_L3_DIR (default target/layer3),
+# KILN_L3_TIMEOUT (seconds per guest run, default 240), KILN_L3_QEMU_TIMEOUT (seconds for the
+# whole nested run, default 2400).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+die() { echo "run.sh: $*" >&2; exit 2; }
+MODE=auto
+case ${1:-} in
+    --nested) MODE=nested; shift ;;
+    --direct) MODE=direct; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+esac
+KILN=$(realpath "${KILN:-target/release/kiln}")
+DIR=${KILN_L3_DIR:-target/layer3}
+CACHE=${KILN_CACHE:-$HOME/.cache/kiln}
+export KILN_L3_TIMEOUT=${KILN_L3_TIMEOUT:-240}
+[ -x "$KILN" ] || die "no kiln binary at $KILN (cargo build --release, or set KILN)"
+mkdir -p "$DIR"
+DIR=$(realpath "$DIR")
+rm -rf "$DIR/logs" "$DIR/work"
+mkdir -p "$DIR/logs"
+
+if [ "$MODE" = auto ]; then
+    if grep -qwE 'vmx|svm' /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ] && [ -w /dev/kvm ]; then
+        MODE=direct
+    else
+        MODE=nested
+    fi
+fi
+bash tests/linux/prepare.sh "$DIR/guests" >/dev/null
+echo "KILN-L3-MODE $MODE"
+
+if [ "$MODE" = direct ]; then
+    # The scenarios' tools are busybox's, as inside the nested L1; the TAPs and addresses they
+    # make live in a network namespace of their own.
+    bb=$DIR/busybox
+    rm -rf "$bb"
+    mkdir -p "$bb/x"
+    dpkg-deb -x "$(ls "$CACHE"/guest/debs/busybox-static_*.deb | head -n 1)" "$bb/x"
+    mv "$bb/x/bin/busybox" "$bb/busybox"
+    rm -rf "$bb/x"
+    for a in $("$bb/busybox" --list); do [ "$a" = busybox ] || ln -sf busybox "$bb/$a"; done
+    ln -sf "$(command -v curl)" "$bb/curl"
+    exec env PATH="$bb:$PATH" KILN="$KILN" GUESTS="$DIR/guests" WORK="$DIR/work" LOGS="$DIR/logs" \
+        unshare -n -- "$bb/sh" -c 'ip link set lo up; exec sh tests/linux/scenarios.sh "$@"' sh "$@"
+fi
+
+command -v qemu-system-x86_64 >/dev/null || die "the nested layer needs qemu-system-x86_64 (tests/install-deps.sh)"
+bash tests/linux/build-l1.sh "$DIR/l1" "$KILN" "$DIR/guests" >/dev/null
+# shellcheck disable=SC2207
+remaining=($(if [ $# -gt 0 ]; then echo "$@"; else sh tests/linux/scenarios.sh --list; fi))
+declare -A died=()
+: > "$DIR/l1-console.txt"
+: > "$DIR/l1-logs.txt"
+# The emulated host is not flawless: QEMU's nested SVM has crashed or hung L1 itself under
+# Kiln's reboot loops (a kernel oops in L1's KVM_RUN path; a TCG vCPU spinning). Kiln cannot
+# cause either (it is a user process of L1), so when L1 dies or stops making progress in the
+# middle of a scenario, that scenario runs again in a fresh L1, once, and its result says so.
+# A scenario whose L1 dies twice fails.
+stall=$(( KILN_L3_TIMEOUT * 4 ))
+progress='^KILN-(SCENARIO |SCENARIO-START|L1)'
+deadline=$(( SECONDS + ${KILN_L3_QEMU_TIMEOUT:-2400} ))
+attempt=0
+while [ ${#remaining[@]} -gt 0 ]; do
+    attempt=$((attempt + 1))
+    con=$DIR/l1-console.$attempt.txt
+    : > "$con"
+    list=$(IFS=,; echo "${remaining[*]}")
+    # L1: 2 vCPUs on TCG threads; tsc=reliable keeps its clock steady under emulation. Its
+    # console (ttyS0) carries the results, ttyS1 the scenarios' logs.
+    qemu-system-x86_64 \
+        -accel tcg,thread=multi -cpu max -smp 2 -m 6G -M pc -nodefaults -no-user-config \
+        -display none -no-reboot \
+        -kernel "$DIR/l1/vmlinuz" -initrd "$DIR/l1/initramfs.cpio.gz" \
+        -drive "file=$DIR/l1/payload.ext4,format=raw,if=virtio,readonly=on" \
+        -serial "file:$con" -serial "file:$DIR/l1-logs.$attempt.txt" \
+        -append "console=ttyS0 panic=-1 tsc=reliable quiet kiln_scenarios=$list" </dev/null &
+    qemu=$!
+    seen=0 last=$SECONDS hung=
+    while kill -0 "$qemu" 2>/dev/null; do
+        sleep 2
+        n=$(tr -d '\r' < "$con" | grep -caE "$progress" || true)
+        if [ "$n" -gt "$seen" ]; then
+            tr -d '\r' < "$con" | grep -aE "$progress" | tail -n +$((seen + 1))
+            seen=$n
+            last=$SECONDS
+        fi
+        if [ $((SECONDS - last)) -gt "$stall" ] || [ "$SECONDS" -gt "$deadline" ]; then
+            hung="L1 made no progress for $((SECONDS - last)) s"
+            echo "KILN-L1 $hung: stopping it"
+            kill -9 "$qemu"
+        fi
+    done
+    wait "$qemu" 2>/dev/null || true
+    tr -d '\r' < "$con" >> "$DIR/l1-console.txt"
+    cat "$DIR/l1-logs.$attempt.txt" >> "$DIR/l1-logs.txt"
+    grep -qa '^KILN-SCENARIOS-DONE' <(tr -d '\r' < "$con") && break
+    [ "$SECONDS" -le "$deadline" ] || die "the nested run took longer than ${KILN_L3_QEMU_TIMEOUT:-2400} s"
+    # L1 died or hung: who was running, and what L1 said last.
+    current=$(tr -d '\r' < "$con" | grep -aE '^KILN-SCENARIO-START ' | tail -n 1 | cut -d' ' -f2)
+    why=$(tr -d '\r' < "$con" | grep -aE 'BUG:|Oops|Kernel panic' | head -n 1 | sed 's/^\[[ 0-9.]*\] //' | cut -c1-100)
+    why=${why:-${hung:-L1 ended without a word}}
+    [ -n "$current" ] || die "L1 died before any scenario started (${why}); L1's console: $DIR/l1-console.txt"
+    next=()
+    for s in "${remaining[@]}"; do
+        tr -d '\r' < "$con" | grep -qaE "^KILN-SCENARIO $s " && continue
+        next+=("$s")
+    done
+    if [ -n "${died[$current]:-}" ]; then
+        echo "KILN-SCENARIO $current fail L1 died twice while it ran: ${died[$current]}; then: $why"
+        next=("${next[@]:1}")
+    else
+        died[$current]=$why
+        echo "KILN-L1-RESTART L1 died during $current ($why): running it again in a fresh L1"
+    fi
+    remaining=("${next[@]}")
+done
+# Split the logs by scenario; a scenario run twice keeps its last log.
+awk -v d="$DIR/logs" '{ sub(/\r$/, "") } /^=== KILN-LOG / { f = d "/" $3 ".log"; printf "" > f; next } f { print > f }' "$DIR/l1-logs.txt"
+for s in "${!died[@]}"; do
+    echo "KILN-L1-RERUN $s ${died[$s]}"
+done
+echo "KILN-SCENARIOS-DONE"
