@@ -139,3 +139,8 @@ fn kiln_serve_lifecycle_of_a_linux_guest() {
 fn panicking_and_triple_faulting_guests_leave_their_neighbour_alone() {
     scenario("misbehave");
 }
+
+#[test]
+fn a_linux_guest_reboots_in_place_eight_times_without_a_stall() {
+    scenario("reboot-loop");
+}

@@ -15,7 +15,7 @@
 # "KILN-SCENARIO NAME fail REASON". The log holds every command's output and the guests' consoles.
 
 ALL="boot-pvh-1 boot-pvh-2 boot-bzimage-1 boot-bzimage-2 distro-cloud distro-generic blk net
-serve-lifecycle misbehave"
+serve-lifecycle misbehave reboot-loop"
 if [ "${1:-}" = --list ]; then
     echo $ALL
     exit 0
@@ -362,6 +362,28 @@ scenario_misbehave() {
     action good '{"action": "stop", "timeout_s": 120}' >/dev/null
     grep -q KILN-GUEST-POWERBUTTON "$(console_of good)" || fail "the neighbour did not stop gracefully"
     echo "RESULT neighbour_ticks=$t0->$t1 panics=$(count "$WORK/console-panics" KILN-GUEST-PANIC) faults=$(count "$WORK/console-faults" KILN-GUEST-REBOOT)"
+}
+
+# A guest that reboots itself (triple fault, reboot=t) eight times in one kiln run: every boot
+# reaches userspace, and none stalls (the lost-wake-up symptom once seen here: ~56 s in HLT).
+# The guest's own clock times each boot: the uptime at which its kernel starts /init.
+scenario_reboot_loop() {
+    o=$WORK/console
+    "$KILN" run --kernel "$C/vmlinux" --initrd "$C/initramfs.cpio.gz" --cpus 2 --memory 384MiB \
+        --cmdline "console=ttyS0 reboot=t kiln_reboot=1" </dev/null >"$o" 2>&1 &
+    bg_pids="$bg_pids $!"
+    ok=yes
+    wait_line "$o" KILN-GUEST-REBOOT "$T" 8 || ok=
+    kill -9 $! 2>/dev/null
+    cat "$o"
+    [ -n "$ok" ] || fail "only $(count "$o" KILN-GUEST-REBOOT) of 8 boots reached userspace in $T s"
+    times=$(tr -d '\r' < "$o" | sed -n 's/^\[ *\([0-9]*\)\.[0-9]*\] Run \/init as init process.*/\1/p' | tr '\n' ' ')
+    echo "seconds to /init, per boot: $times"
+    [ "$(echo $times | wc -w)" -ge 8 ] || fail "could not time the boots: $times"
+    for s in $times; do
+        [ "$s" -le 40 ] || fail "a boot took $s s of guest time to reach /init ($times): a stall"
+    done
+    echo "RESULT boots=8 seconds_to_init=$(echo $times | tr ' ' ',')"
 }
 
 # ---------------------------------------------------------------- runner
