@@ -144,3 +144,8 @@ fn panicking_and_triple_faulting_guests_leave_their_neighbour_alone() {
 fn a_linux_guest_reboots_in_place_eight_times_without_a_stall() {
     scenario("reboot-loop");
 }
+
+#[test]
+fn cpuid_xsave_size_follows_xcr0() {
+    scenario("xsave");
+}

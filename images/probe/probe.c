@@ -473,6 +473,37 @@ static void cmd_cpuid(void)
 	line_end();
 }
 
+/* XCR0 against CPUID leaf 0xD: turns on every x87/SSE/AVX component the leaf offers, then
+ * reads XCR0 back and CPUID.(0xD,0).EBX, the XSAVE area size for the components now enabled.
+ * A hypervisor must see the XSETBV to keep that size in step (Linux checks it at boot). */
+static void cmd_xcr0(void)
+{
+	u32 a, b, c, d, offered, before, after, max;
+	u64 cr4;
+	cpuid(1, &a, &b, &c, &d);
+	if (!(c & (1u << 26))) {
+		say("PROBE-FAIL xcr0 no-xsave");
+		return;
+	}
+	__asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+	__asm__ volatile("mov %0, %%cr4" : : "r"(cr4 | (1ull << 18)) : "memory"); /* OSXSAVE */
+	cpuid(0xd, &offered, &before, &max, &d);
+	__asm__ volatile("xsetbv" : : "c"(0), "a"(offered & 7), "d"(0) : "memory");
+	u32 lo, hi;
+	__asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+	cpuid(0xd, &a, &after, &c, &d);
+	line_begin();
+	ps("PROBE-OK xcr0 xcr0=");
+	phex(((u64)hi << 32) | lo);
+	ps(" size-before=");
+	pdec(before);
+	ps(" size-after=");
+	pdec(after);
+	ps(" size-max=");
+	pdec(max);
+	line_end();
+}
+
 static void cmd_e820(void)
 {
 	for (u32 i = 0; i < e820_n; i++) {
@@ -892,6 +923,7 @@ static const struct command {
 	{ "cmdline", cmd_cmdline },
 	{ "e820", cmd_e820 },
 	{ "cpuid", cmd_cpuid },
+	{ "xcr0", cmd_xcr0 },
 	{ "initrd", cmd_initrd },
 	{ "acpi", cmd_acpi },
 	{ "cpus", cmd_cpus },
