@@ -27,8 +27,15 @@ fn outcome() -> &'static Outcome {
             .current_dir(root)
             .env("KILN", env!("CARGO_BIN_EXE_kiln"))
             .env("KILN_L3_DIR", &dir)
-            .output()
-            .expect("run tests/linux/run.sh");
+            .output();
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => std::process::Output {
+                status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
+                stdout: Vec::new(),
+                stderr: format!("cannot run tests/linux/run.sh: {e}").into_bytes(),
+            },
+        };
         let transcript = format!(
             "{}\n--- stderr\n{}",
             String::from_utf8_lossy(&out.stdout),
@@ -53,11 +60,11 @@ fn outcome() -> &'static Outcome {
             let detail = words.next().unwrap_or("").to_string();
             results.insert(name.to_string(), (verdict == "ok", detail));
         }
-        assert!(
-            out.status.success(),
-            "tests/linux/run.sh failed ({}):\n{transcript}",
-            out.status
-        );
+        // No panic here: a panicking initialiser would let the next test run it all again.
+        // A scenario without a result line fails on its own, with this transcript.
+        if !out.status.success() {
+            eprintln!("tests/linux/run.sh failed ({})", out.status);
+        }
         eprintln!("layer 3 ran {}", if mode.is_empty() { "?" } else { &mode });
         Outcome {
             mode,

@@ -61,16 +61,17 @@ command -v qemu-system-x86_64 >/dev/null || die "the nested layer needs qemu-sys
 bash tests/linux/build-l1.sh "$DIR/l1" "$KILN" "$DIR/guests" >/dev/null
 # shellcheck disable=SC2207
 remaining=($(if [ $# -gt 0 ]; then echo "$@"; else sh tests/linux/scenarios.sh --list; fi))
-declare -A died=()
+declare -A died=() deaths=()
 : > "$DIR/l1-console.txt"
 : > "$DIR/l1-logs.txt"
 # The emulated host is not flawless: QEMU's nested SVM has crashed or hung L1 itself under
 # Kiln's reboot loops (a kernel oops in L1's KVM_RUN path; a TCG vCPU spinning). Kiln cannot
 # cause either (it is a user process of L1), so when L1 dies or stops making progress in the
-# middle of a scenario, that scenario runs again in a fresh L1, once, and its result says so.
-# A scenario whose L1 dies twice fails.
+# middle of a scenario, that scenario runs again in a fresh L1, up to twice, and the run says
+# so. A scenario whose L1 dies three times fails.
 stall=$(( KILN_L3_TIMEOUT * 4 ))
 progress='^KILN-(SCENARIO |SCENARIO-START|L1)'
+l1_broken='(BUG: .*|Oops.*|Kernel panic.*|watchdog: BUG: soft lockup.*|rcu: INFO: rcu_preempt self-detected stall.*)'
 deadline=$(( SECONDS + ${KILN_L3_QEMU_TIMEOUT:-2400} ))
 attempt=0
 while [ ${#remaining[@]} -gt 0 ]; do
@@ -81,7 +82,7 @@ while [ ${#remaining[@]} -gt 0 ]; do
     # L1: 2 vCPUs on TCG threads; tsc=reliable keeps its clock steady under emulation. Its
     # console (ttyS0) carries the results, ttyS1 the scenarios' logs.
     qemu-system-x86_64 \
-        -accel tcg,thread=multi -cpu max -smp 2 -m 6G -M pc -nodefaults -no-user-config \
+        -accel "${KILN_L3_ACCEL:-tcg,thread=multi}" -cpu "${KILN_L3_CPU:-max}" -smp 2 -m 6G -M pc -nodefaults -no-user-config \
         -display none -no-reboot \
         -kernel "$DIR/l1/vmlinuz" -initrd "$DIR/l1/initramfs.cpio.gz" \
         -drive "file=$DIR/l1/payload.ext4,format=raw,if=virtio,readonly=on" \
@@ -97,10 +98,16 @@ while [ ${#remaining[@]} -gt 0 ]; do
             seen=$n
             last=$SECONDS
         fi
-        if [ $((SECONDS - last)) -gt "$stall" ] || [ "$SECONDS" -gt "$deadline" ]; then
+        # L1's own kernel saying it is broken ends it at once: an oops, or a CPU stuck in
+        # L2 (a soft lockup: QEMU stopped delivering L1's interrupts while L2 ran).
+        if sick=$(tr -d '\r' < "$con" | grep -aoE "$l1_broken" | head -n 1) && [ -n "$sick" ]; then
+            hung="L1: $sick"
+            echo "KILN-L1 $hung: stopping it"
+            kill -9 "$qemu" 2>/dev/null || true
+        elif [ $((SECONDS - last)) -gt "$stall" ] || [ "$SECONDS" -gt "$deadline" ]; then
             hung="L1 made no progress for $((SECONDS - last)) s"
             echo "KILN-L1 $hung: stopping it"
-            kill -9 "$qemu"
+            kill -9 "$qemu" 2>/dev/null || true
         fi
     done
     wait "$qemu" 2>/dev/null || true
@@ -110,19 +117,19 @@ while [ ${#remaining[@]} -gt 0 ]; do
     [ "$SECONDS" -le "$deadline" ] || die "the nested run took longer than ${KILN_L3_QEMU_TIMEOUT:-2400} s"
     # L1 died or hung: who was running, and what L1 said last.
     current=$(tr -d '\r' < "$con" | grep -aE '^KILN-SCENARIO-START ' | tail -n 1 | cut -d' ' -f2)
-    why=$(tr -d '\r' < "$con" | grep -aE 'BUG:|Oops|Kernel panic' | head -n 1 | sed 's/^\[[ 0-9.]*\] //' | cut -c1-100)
-    why=${why:-${hung:-L1 ended without a word}}
+    why=$(echo "${hung:-L1 ended without a word}" | cut -c1-120)
     [ -n "$current" ] || die "L1 died before any scenario started (${why}); L1's console: $DIR/l1-console.txt"
     next=()
     for s in "${remaining[@]}"; do
         tr -d '\r' < "$con" | grep -qaE "^KILN-SCENARIO $s " && continue
         next+=("$s")
     done
-    if [ -n "${died[$current]:-}" ]; then
-        echo "KILN-SCENARIO $current fail L1 died twice while it ran: ${died[$current]}; then: $why"
+    deaths[$current]=$(( ${deaths[$current]:-0} + 1 ))
+    died[$current]="${died[$current]:+${died[$current]}; }$why"
+    if [ "${deaths[$current]}" -ge 3 ]; then
+        echo "KILN-SCENARIO $current fail L1 died three times while it ran: ${died[$current]}"
         next=("${next[@]:1}")
     else
-        died[$current]=$why
         echo "KILN-L1-RESTART L1 died during $current ($why): running it again in a fresh L1"
     fi
     remaining=("${next[@]}")

@@ -348,38 +348,39 @@ scenario_serve_lifecycle() {
     echo "RESULT boots=6 ticks=$t0/$t1/$t2"
 }
 
-# Two misbehaving guests (a kernel panic with panic=-1, a triple fault from reboot=t) beside a
-# neighbour in the same kiln serve: they reboot in place, again and again; the neighbour keeps
-# its clock and its network.
+# Misbehaving guests (a kernel panic with panic=-1, a triple fault from reboot=t), one after
+# the other, beside a neighbour in the same kiln serve: each reboots in place, again and again;
+# the neighbour keeps its clock and its network. (One misbehaving guest at a time keeps the
+# nested layer's two L1 CPUs from being oversubscribed, which QEMU's nested SVM handles worst.)
 scenario_misbehave() {
     serve
     tap kl3mis0 10.0.4.1/24
-    ip link del kl3mis1 2>/dev/null; tunctl -t kl3mis1 >/dev/null
-    ip link del kl3mis2 2>/dev/null; tunctl -t kl3mis2 >/dev/null
-    create good kl3mis0 "kiln_acpid=1 kiln_tick=1 kiln_ip=10.0.4.2/24 kiln_peer=10.0.4.1"
-    create panics kl3mis1 "panic=-1 kiln_panic=1" 1
-    create faults kl3mis2 "reboot=t kiln_reboot=1" 1
+    create good kl3mis0 "kiln_acpid=1 kiln_tick=1 kiln_ip=10.0.4.2/24 kiln_peer=10.0.4.1" 1
     action good '{"action": "start"}' >/dev/null
     wait_console good "KILN-GUEST-PING ok" "$T" || fail "the neighbour did not come up"
-    action panics '{"action": "start"}' >/dev/null
-    action faults '{"action": "start"}' >/dev/null
-    t0=$(ticks good)
-    wait_console panics KILN-GUEST-PANIC "$T" 2 || fail "the panicking guest did not boot twice"
-    wait_console faults KILN-GUEST-REBOOT "$T" 2 || fail "the triple-faulting guest did not boot twice"
-    grep -q "Kernel panic" "$WORK/console-panics" || fail "no kernel panic in the console"
-    t1=$(ticks good)
-    [ "$t1" -gt "$t0" ] || fail "the neighbour stopped ticking ($t0 -> $t1)"
-    [ "$(state_of good)" = running ] || fail "the neighbour is $(state_of good)"
-    ping -c 2 -W 5 10.0.4.2 || fail "the neighbour's network broke"
-    for n in panics faults; do
-        s=$(state_of $n)
-        case $s in running|rebooting|starting) ;; *) fail "$n is $s, expected rebooting in place" ;; esac
-        api DELETE "/v1/instances/$n?force=true" >/dev/null
+    summary=
+    for bad in "panics panic=-1 kiln_panic=1 KILN-GUEST-PANIC" "faults reboot=t kiln_reboot=1 KILN-GUEST-REBOOT"; do
+        set -- $bad
+        vm=$1 marker=$4
+        ip link del kl3$vm 2>/dev/null; tunctl -t kl3$vm >/dev/null
+        create "$vm" "kl3$vm" "$2 $3" 1
+        t0=$(ticks good)
+        action "$vm" '{"action": "start"}' >/dev/null
+        wait_console "$vm" "$marker" "$T" 2 || fail "$vm did not boot twice"
+        t1=$(ticks good)
+        [ "$t1" -gt "$t0" ] || fail "the neighbour stopped ticking beside $vm ($t0 -> $t1)"
+        [ "$(state_of good)" = running ] || fail "the neighbour is $(state_of good) beside $vm"
+        ping -c 2 -W 5 10.0.4.2 || fail "the neighbour's network broke beside $vm"
+        s=$(state_of "$vm")
+        case $s in running|rebooting|starting) ;; *) fail "$vm is $s, expected rebooting in place" ;; esac
+        api DELETE "/v1/instances/$vm?force=true" >/dev/null
         expect_status 204
+        summary="$summary $vm:boots=$(count "$WORK/console-$vm" "$marker"),neighbour_ticks=$t0->$t1"
     done
+    grep -q "Kernel panic" "$WORK/console-panics" || fail "no kernel panic in the panicking guest's console"
     action good '{"action": "stop", "timeout_s": 120}' >/dev/null
     grep -q KILN-GUEST-POWERBUTTON "$(console_of good)" || fail "the neighbour did not stop gracefully"
-    echo "RESULT neighbour_ticks=$t0->$t1 panics=$(count "$WORK/console-panics" KILN-GUEST-PANIC) faults=$(count "$WORK/console-faults" KILN-GUEST-REBOOT)"
+    echo "RESULT$summary"
 }
 
 # A guest that reboots itself (triple fault, reboot=t) eight times in one kiln run: every boot
