@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use api::{AppState, HostInfo, Metrics, ServerInfo};
 use clap::Args;
-use vmm::manager::Manager;
+use control::Manager;
 use vmm::Host;
 
 use crate::run::PROBE_GUEST;

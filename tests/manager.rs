@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm::manager::{
+use control::{
     Action, ActionKind, InstanceCreate, InstanceState, Manager, ManagerError, OperationState,
 };
 use vmm::Host;

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::TryStreamExt;
 use serde::Deserialize;
-use vmm::manager::{DiskCreate, DiskPatch, ImageCreate};
+use control::{DiskCreate, DiskPatch, ImageCreate};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::instances::{blocking, if_match, with_etag, Mgr};

@@ -290,9 +290,9 @@ impl IntoResponse for ApiError {
 pub(crate) struct ErrorRendered;
 
 /// Each manager refusal maps onto one API error code (API.md).
-impl From<vmm::manager::ManagerError> for ApiError {
-    fn from(e: vmm::manager::ManagerError) -> Self {
-        use vmm::manager::ManagerError as M;
+impl From<control::ManagerError> for ApiError {
+    fn from(e: control::ManagerError) -> Self {
+        use control::ManagerError as M;
         let msg = e.to_string();
         match e {
             M::NotFound(..) => ApiError::not_found(msg),

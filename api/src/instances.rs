@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use uuid::Uuid;
-use vmm::manager::{Action, InstanceCreate, InstancePatch, Manager};
+use control::{Action, InstanceCreate, InstancePatch, Manager};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::json::ApiJson;
@@ -253,7 +253,7 @@ pub(crate) async fn console_stream(
 async fn stream_console(
     m: Arc<Manager>,
     key: String,
-    ring: vmm::manager::ConsoleRing,
+    ring: control::ConsoleRing,
     socket: axum::extract::ws::WebSocket,
 ) {
     use axum::extract::ws::Message;

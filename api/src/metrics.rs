@@ -28,7 +28,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Metric, Registry};
-use vmm::manager::{InstanceState, Manager};
+use control::{InstanceState, Manager};
 
 use crate::error::ApiError;
 
@@ -253,9 +253,9 @@ impl VmmCollector {
         &self,
         encoder: &mut DescriptorEncoder,
         manager: Option<&Manager>,
-        instances: &[vmm::manager::Instance],
+        instances: &[control::Instance],
     ) -> Result<(), std::fmt::Error> {
-        let devices: Vec<(String, Vec<vmm::manager::DeviceCounters>)> = instances
+        let devices: Vec<(String, Vec<control::DeviceCounters>)> = instances
             .iter()
             .filter(|i| i.state != InstanceState::Stopped && i.state != InstanceState::Failed)
             .filter_map(|i| {

@@ -30,9 +30,9 @@ pub struct AppState {
     pub manager: ManagerRef,
 }
 
-/// The host's [`vmm::manager::Manager`], if this server has one.
+/// The host's [`control::Manager`], if this server has one.
 #[derive(Clone, Default)]
-pub struct ManagerRef(pub Option<Arc<vmm::manager::Manager>>);
+pub struct ManagerRef(pub Option<Arc<control::Manager>>);
 
 impl std::fmt::Debug for ManagerRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -55,7 +55,7 @@ impl AppState {
     }
 
     /// The same state, serving `manager`'s instances.
-    pub fn with_manager(mut self, manager: Arc<vmm::manager::Manager>) -> Self {
+    pub fn with_manager(mut self, manager: Arc<control::Manager>) -> Self {
         self.manager = ManagerRef(Some(manager));
         self
     }

@@ -7,7 +7,6 @@ pub mod config;
 mod event_loop;
 pub mod host;
 mod machine;
-pub mod manager;
 mod vcpu;
 pub mod vm;
 

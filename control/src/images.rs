@@ -12,9 +12,9 @@ use images::Format;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::disks::FileGuard;
-use super::model::{check_name, now};
-use super::{invalid, Manager, ManagerError, PROBE_IMAGE};
+use crate::disks::FileGuard;
+use crate::model::{check_name, now};
+use crate::{invalid, Manager, ManagerError, PROBE_IMAGE};
 
 /// What an image is for.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

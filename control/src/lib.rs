@@ -1,6 +1,8 @@
-//! The instance manager: every instance of the host, their state machine, console history,
+//! Kiln's control plane: every instance of the host, their state machine, console history,
 //! events and operations, and their definitions in the state directory.
 
+
+#![warn(missing_docs)]
 mod console;
 mod disks;
 mod events;
@@ -29,9 +31,9 @@ pub use model::{
 };
 pub use operations::{Operation, OperationState, Operations};
 
-use crate::config::{parse_mac, random_mac, DiskConfig, KernelImage, NetConfig, VmConfig};
-use crate::host::Host;
-use crate::vm::{Console, Exit, Vm, VmEvent, VmHandle};
+use vmm::config::{parse_mac, random_mac, DiskConfig, KernelImage, NetConfig, VmConfig};
+use vmm::host::Host;
+use vmm::vm::{Console, Exit, Vm, VmEvent, VmHandle};
 use model::now;
 use store::Store;
 
@@ -317,12 +319,12 @@ impl Manager {
         if let Some(i) = &spec.boot.initrd {
             self.initrd(i)?;
         }
-        if spec.disks.len() + spec.network_interfaces.len() > crate::config::MAX_VIRTIO_DEVICES {
+        if spec.disks.len() + spec.network_interfaces.len() > vmm::config::MAX_VIRTIO_DEVICES {
             return Err(invalid(
                 "disks",
                 format!(
                     "at most {} disks and NICs together",
-                    crate::config::MAX_VIRTIO_DEVICES
+                    vmm::config::MAX_VIRTIO_DEVICES
                 ),
             ));
         }

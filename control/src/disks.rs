@@ -12,9 +12,9 @@ use images::Format;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::images::ImageKind;
-use super::model::{check_name, now, Size};
-use super::{invalid, InstanceState, Manager, ManagerError};
+use crate::images::ImageKind;
+use crate::model::{check_name, now, Size};
+use crate::{invalid, InstanceState, Manager, ManagerError};
 
 /// Where a disk's first content came from.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -590,12 +590,12 @@ impl Manager {
             )));
         }
         let mut idef = lock(&e.def).clone();
-        if idef.disks.len() + idef.network_interfaces.len() >= crate::config::MAX_VIRTIO_DEVICES {
+        if idef.disks.len() + idef.network_interfaces.len() >= vmm::config::MAX_VIRTIO_DEVICES {
             return Err(invalid(
                 "disk",
                 format!(
                     "an instance has at most {} disks and NICs together",
-                    crate::config::MAX_VIRTIO_DEVICES
+                    vmm::config::MAX_VIRTIO_DEVICES
                 ),
             ));
         }

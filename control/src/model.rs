@@ -59,7 +59,7 @@ impl Size {
     pub fn bytes(&self) -> Result<u64, String> {
         match self {
             Size::Bytes(b) => Ok(*b),
-            Size::Text(s) => crate::config::parse_size(s, 1),
+            Size::Text(s) => vmm::config::parse_size(s, 1),
         }
     }
 }
