@@ -103,12 +103,12 @@ fn parse_net(spec: &str) -> Result<NetConfig, String> {
     for (k, v) in key_values(spec, &["tap", "mac"])? {
         match k {
             "tap" => tap = Some(v.to_string()),
-            _ => mac = Some(vmm::parse_mac(v)?),
+            _ => mac = Some(v.parse::<vmm::MacAddr>()?),
         }
     }
     Ok(NetConfig {
         tap: tap.ok_or("tap=NAME is required")?,
-        mac: mac.unwrap_or_else(vmm::random_mac),
+        mac: mac.unwrap_or_else(vmm::MacAddr::random),
     })
 }
 
@@ -232,8 +232,8 @@ fn explain(e: &vmm::VmError) -> String {
                 C::KernelFile(..) | C::NotAKernel(_) => "--kernel",
                 C::InitrdFile(..) => "--initrd",
                 C::CmdlineTooLong(_) => "--cmdline",
-                C::Disk(..) => "--disk",
-                C::Net(..) => "--net",
+                C::Disk { .. } => "--disk",
+                C::Net { .. } => "--net",
                 C::TooManyDevices(_) => "--disk/--net",
             };
             format!("{flag}: {c}")

@@ -8,9 +8,9 @@ use axum::extract::{Path, Query};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use control::{DiskCreate, DiskPatch, ImageCreate};
 use futures_util::TryStreamExt;
 use serde::Deserialize;
-use control::{DiskCreate, DiskPatch, ImageCreate};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::instances::{blocking, if_match, with_etag, Mgr};

@@ -7,9 +7,9 @@ use axum::extract::{Path, Query};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use control::{Action, InstanceCreate, InstancePatch, Manager};
 use serde::Deserialize;
 use uuid::Uuid;
-use control::{Action, InstanceCreate, InstancePatch, Manager};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::json::ApiJson;

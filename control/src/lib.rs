@@ -1,7 +1,6 @@
 //! Kiln's control plane: every instance of the host, their state machine, console history,
 //! events and operations, and their definitions in the state directory.
 
-
 #![warn(missing_docs)]
 mod console;
 mod disks;
@@ -31,11 +30,11 @@ pub use model::{
 };
 pub use operations::{Operation, OperationState, Operations};
 
-use vmm::config::{parse_mac, random_mac, DiskConfig, KernelImage, NetConfig, VmConfig};
-use vmm::host::Host;
-use vmm::vm::{Console, Exit, Vm, VmEvent, VmHandle};
 use model::now;
 use store::Store;
+use vmm::config::{DiskConfig, KernelImage, MacAddr, NetConfig, VmConfig};
+use vmm::host::Host;
+use vmm::vm::{Console, Exit, Vm, VmEvent, VmHandle};
 
 /// The image that is always there: the probe guest built into kiln.
 pub const PROBE_IMAGE: &str = "kiln-probe";
@@ -332,8 +331,10 @@ impl Manager {
         for (i, n) in spec.network_interfaces.iter().enumerate() {
             let field = |f: &str| format!("network_interfaces[{i}].{f}");
             let mac = match &n.mac {
-                Some(m) => parse_mac(m).map_err(|e| invalid(&field("mac"), e))?,
-                None => random_mac(),
+                Some(m) => m
+                    .parse::<MacAddr>()
+                    .map_err(|e| invalid(&field("mac"), e))?,
+                None => MacAddr::random(),
             };
             let ok = !n.host_tap.is_empty()
                 && n.host_tap.len() <= 15
@@ -347,11 +348,7 @@ impl Manager {
             nics.push(Nic {
                 name: n.name.clone().unwrap_or_else(|| format!("eth{i}")),
                 host_tap: n.host_tap.clone(),
-                mac: mac
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":"),
+                mac: mac.to_string(),
             });
         }
         let t = now();
@@ -872,7 +869,7 @@ impl Manager {
             .iter()
             .map(|n| NetConfig {
                 tap: n.host_tap.clone(),
-                mac: parse_mac(&n.mac).unwrap_or_else(|_| random_mac()),
+                mac: n.mac.parse().unwrap_or_else(|_| MacAddr::random()),
             })
             .collect();
         let config = VmConfig {

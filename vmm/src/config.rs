@@ -57,49 +57,70 @@ pub struct NetConfig {
     /// The TAP device (created if missing).
     pub tap: String,
     /// The guest's MAC address.
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
 }
 
 /// Most virtio devices a VM can have (one IOAPIC pin each, GSIs 16–23).
 pub const MAX_VIRTIO_DEVICES: usize = 8;
 
-/// Parses `aa:bb:cc:dd:ee:ff`; multicast addresses are refused.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let mut mac = [0u8; 6];
-    if parts.len() != 6 {
-        return Err(format!(
-            "invalid MAC {s:?}: expected six hex bytes like 02:00:00:00:00:01"
-        ));
+/// A NIC's MAC address: written and parsed as `aa:bb:cc:dd:ee:ff`; never multicast.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr([u8; 6]);
+
+impl MacAddr {
+    /// A random locally administered unicast address.
+    pub fn random() -> Self {
+        let mut mac = [0u8; 6];
+        let filled = rustix::rand::getrandom(&mut mac, rustix::rand::GetRandomFlags::empty());
+        if filled != Ok(mac.len()) {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            mac.copy_from_slice(&t.to_le_bytes()[..6]);
+        }
+        mac[0] = (mac[0] & 0xfe) | 0x02;
+        Self(mac)
     }
-    for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16)
-            .ok()
-            .filter(|_| p.len() == 2)
-            .ok_or_else(|| format!("invalid MAC {s:?}: {p:?} is not a hex byte"))?;
+
+    /// The six bytes, first on the wire first.
+    pub fn octets(self) -> [u8; 6] {
+        self.0
     }
-    if mac[0] & 1 != 0 {
-        return Err(format!(
-            "invalid MAC {s:?}: a multicast address cannot be a NIC's"
-        ));
-    }
-    Ok(mac)
 }
 
-/// A random locally administered unicast MAC address.
-pub fn random_mac() -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    // SAFETY: getrandom writes at most the buffer's length.
-    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
-    if n != mac.len() as isize {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        mac.copy_from_slice(&t.to_le_bytes()[..6]);
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+
+    /// Parses `aa:bb:cc:dd:ee:ff`; multicast addresses are refused.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let mut mac = [0u8; 6];
+        if parts.len() != 6 {
+            return Err(format!(
+                "invalid MAC {s:?}: expected six hex bytes like 02:00:00:00:00:01"
+            ));
+        }
+        for (b, p) in mac.iter_mut().zip(parts) {
+            *b = u8::from_str_radix(p, 16)
+                .ok()
+                .filter(|_| p.len() == 2)
+                .ok_or_else(|| format!("invalid MAC {s:?}: {p:?} is not a hex byte"))?;
+        }
+        if mac[0] & 1 != 0 {
+            return Err(format!(
+                "invalid MAC {s:?}: a multicast address cannot be a NIC's"
+            ));
+        }
+        Ok(Self(mac))
     }
-    mac[0] = (mac[0] & 0xfe) | 0x02;
-    mac
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
 }
 
 /// A configuration the host cannot run, with what to change.
@@ -130,11 +151,25 @@ pub enum ConfigError {
     #[error("the kernel command line is {0} bytes; at most {CMDLINE_MAX} are allowed")]
     CmdlineTooLong(usize),
     /// A disk image cannot be used.
-    #[error("disk {0}: {1}")]
-    Disk(PathBuf, String),
+    #[error("disk {path}: {reason}")]
+    Disk {
+        /// Which disk (0 for the first).
+        index: usize,
+        /// Its image file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A NIC cannot be used.
-    #[error("NIC on TAP {0:?}: {1}")]
-    Net(String, String),
+    #[error("NIC on TAP {tap:?}: {reason}")]
+    Net {
+        /// Which NIC (0 for the first).
+        index: usize,
+        /// Its TAP device.
+        tap: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// More virtio devices than the machine has interrupt lines for.
     #[error("{0} disks and NICs requested; at most {MAX_VIRTIO_DEVICES} are supported")]
     TooManyDevices(usize),
@@ -202,8 +237,9 @@ impl VmConfig {
         c
     }
 
-    /// Checks the configuration against `host` before anything is built.
-    pub fn validate(&self, host: &Host) -> Result<(), ConfigError> {
+    /// Checks what can be checked without touching a file: vCPUs and memory against `host`,
+    /// the command line's length, the number of devices, disk serials and TAP names.
+    pub fn check_limits(&self, host: &Host) -> Result<(), ConfigError> {
         if self.vcpus == 0 {
             return Err(ConfigError::NoVcpus);
         }
@@ -220,6 +256,33 @@ impl VmConfig {
         if cmdline_len > CMDLINE_MAX {
             return Err(ConfigError::CmdlineTooLong(cmdline_len));
         }
+        let devices = self.disks.len() + self.nets.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        for (index, d) in self.disks.iter().enumerate() {
+            if d.serial.len() > devices::virtio::block::ID_LEN {
+                return Err(ConfigError::Disk {
+                    index,
+                    path: d.path.clone(),
+                    reason: format!("serial {:?} is longer than 20 bytes", d.serial),
+                });
+            }
+        }
+        for (index, n) in self.nets.iter().enumerate() {
+            devices::virtio::tap::check_name(&n.tap).map_err(|reason| ConfigError::Net {
+                index,
+                tap: n.tap.clone(),
+                reason,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks the configuration against `host` before anything is built: its limits
+    /// ([`VmConfig::check_limits`]), then the kernel, initrd and disk files.
+    pub fn validate(&self, host: &Host) -> Result<(), ConfigError> {
+        self.check_limits(host)?;
         match &self.kernel {
             KernelImage::File(path) => {
                 let mut f = std::fs::File::open(path)
@@ -234,33 +297,15 @@ impl VmConfig {
                 }
             }
         }
-        let devices = self.disks.len() + self.nets.len();
-        if devices > MAX_VIRTIO_DEVICES {
-            return Err(ConfigError::TooManyDevices(devices));
-        }
-        for d in &self.disks {
-            let meta = std::fs::metadata(&d.path)
-                .map_err(|e| ConfigError::Disk(d.path.clone(), e.to_string()))?;
+        for (index, d) in self.disks.iter().enumerate() {
+            let disk_error = |reason: String| ConfigError::Disk {
+                index,
+                path: d.path.clone(),
+                reason,
+            };
+            let meta = std::fs::metadata(&d.path).map_err(|e| disk_error(e.to_string()))?;
             if !meta.is_file() {
-                return Err(ConfigError::Disk(
-                    d.path.clone(),
-                    "not a regular file".into(),
-                ));
-            }
-            if d.serial.len() > devices::virtio::block::ID_LEN {
-                return Err(ConfigError::Disk(
-                    d.path.clone(),
-                    format!("serial {:?} is longer than 20 bytes", d.serial),
-                ));
-            }
-        }
-        for n in &self.nets {
-            let valid = !n.tap.is_empty() && n.tap.len() <= 15 && !n.tap.contains(['/', ' ']);
-            if !valid {
-                return Err(ConfigError::Net(
-                    n.tap.clone(),
-                    "a TAP name has 1-15 characters, no '/' or spaces".into(),
-                ));
+                return Err(disk_error("not a regular file".into()));
             }
         }
         if let Some(path) = &self.initrd {
@@ -326,5 +371,22 @@ mod tests {
         assert!(parse_size("-5M", 1).is_err());
         assert!(parse_size("99999999999999999999", 1).is_err());
         assert!(parse_size("17179869184T", 1).is_err());
+    }
+
+    #[test]
+    fn macs() {
+        let mac: MacAddr = "02:AB:cd:00:00:01".parse().unwrap();
+        assert_eq!(mac.octets(), [2, 0xab, 0xcd, 0, 0, 1]);
+        assert_eq!(mac.to_string(), "02:ab:cd:00:00:01");
+        for bad in [
+            "02:00:00:00:00",
+            "02:00:00:00:00:0g",
+            "02:00:00:00:00:001",
+            "01:00:00:00:00:00",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+        let r = MacAddr::random().octets();
+        assert_eq!(r[0] & 0x03, 0x02, "locally administered unicast");
     }
 }

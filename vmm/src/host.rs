@@ -97,10 +97,6 @@ pub fn has_hardware_virtualization() -> bool {
 }
 
 fn host_memory() -> u64 {
-    // SAFETY: sysinfo only writes into the struct we pass.
-    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
-    if unsafe { libc::sysinfo(&mut info) } != 0 {
-        return u64::MAX;
-    }
-    info.totalram as u64 * info.mem_unit as u64
+    let info = rustix::system::sysinfo();
+    u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit))
 }

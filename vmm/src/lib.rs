@@ -10,9 +10,7 @@ mod machine;
 mod vcpu;
 pub mod vm;
 
-pub use config::{
-    parse_mac, parse_size, random_mac, ConfigError, DiskConfig, KernelImage, NetConfig, VmConfig,
-};
+pub use config::{parse_size, ConfigError, DiskConfig, KernelImage, MacAddr, NetConfig, VmConfig};
 pub use host::Host;
 pub use vcpu::{exit_counts, ExitReason};
 pub use vm::{Console, Exit, HandleError, Vm, VmError, VmEvent, VmHandle, VmObserver};

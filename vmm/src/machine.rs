@@ -324,7 +324,7 @@ fn virtio_devices(
     }
     for n in &config.nets {
         let tap = Tap::open(&n.tap).map_err(|e| VmError::Build(format!("TAP {}: {e}", n.tap)))?;
-        devs.push(Arc::new(Mutex::new(Net::new(tap, n.mac))));
+        devs.push(Arc::new(Mutex::new(Net::new(tap, n.mac.octets()))));
     }
     let io = |e: std::io::Error| VmError::Build(format!("virtio set-up: {e}"));
     let mut bus = Bus::new();

@@ -1,7 +1,7 @@
 //! TAP devices: `/dev/net/tun` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -27,6 +27,17 @@ pub mod offload {
 /// Length of the virtio-net header on the TAP (virtio 1.x, with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
 
+/// Checks a TAP device name: 1-15 bytes (the kernel's `IFNAMSIZ` less the NUL), no `/`,
+/// spaces or NULs.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', '\0', ' ']) {
+        return Err(format!(
+            "invalid TAP name {name:?}: 1-15 characters, no '/' or spaces"
+        ));
+    }
+    Ok(())
+}
+
 /// An open TAP device, non-blocking.
 pub struct Tap {
     file: File,
@@ -43,12 +54,7 @@ struct IfReq {
 impl Tap {
     /// Opens the TAP named `name`, creating it if missing, with a 12-byte vnet header.
     pub fn open(name: &str) -> io::Result<Tap> {
-        if name.is_empty() || name.len() > 15 || name.contains(['/', '\0', ' ']) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("invalid TAP name {name:?}: 1-15 characters, no '/' or spaces"),
-            ));
-        }
+        check_name(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -94,11 +100,12 @@ impl Tap {
 
     /// Sets IFF_UP (a TAP Kiln created starts down).
     fn bring_up(&self) -> io::Result<()> {
-        // SAFETY: a datagram socket used only for interface ioctls, closed below.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if sock < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // A datagram socket used only for interface ioctls; closed when dropped.
+        let sock = rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::DGRAM,
+            None,
+        )?;
         let mut req = IfReq {
             name: [0; 16],
             flags: 0,
@@ -107,42 +114,29 @@ impl Tap {
         req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
         // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS on an ifreq we own.
         let r = unsafe {
-            if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
                 -1
             } else if req.flags & libc::IFF_UP as libc::c_short != 0 {
                 0
             } else {
                 req.flags |= libc::IFF_UP as libc::c_short;
-                libc::ioctl(sock, libc::SIOCSIFFLAGS, &req)
+                libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req)
             }
         };
-        let err = io::Error::last_os_error();
-        // SAFETY: closing the socket opened above.
-        unsafe { libc::close(sock) };
         if r < 0 {
-            return Err(err);
+            return Err(io::Error::last_os_error());
         }
         Ok(())
     }
 
     /// Reads one frame (with its vnet header); `WouldBlock` when none is queued.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: reading into a buffer we own.
-        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        (&self.file).read(buf)
     }
 
     /// Writes one frame (with its vnet header).
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: writing from a buffer we own.
-        let n = unsafe { libc::write(self.file.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        (&self.file).write(buf)
     }
 }
 
