@@ -93,6 +93,7 @@ pub fn serve(args: ServeArgs) -> i32 {
         &args.state_dir,
         &args.image_dirs,
         Arc::from(PROBE_GUEST),
+        rt.handle().clone(),
     ) {
         Ok(m) => m,
         Err(e) => {

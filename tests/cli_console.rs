@@ -45,7 +45,9 @@ fn run(mut cmd: Command, input: &[u8], limit: Duration) -> Out {
         .spawn()
         .expect("spawn kiln");
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input).unwrap();
+    // A console that is refused exits without reading its stdin: the write may find the pipe
+    // closed, which is no failure of the test.
+    let _ = stdin.write_all(input);
     drop(stdin);
     collect(child, limit)
 }

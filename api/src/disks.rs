@@ -1,31 +1,39 @@
-//! Disk and image routes: each maps onto one `vmm::Manager` call. Imports, uploads and
-//! exports are streamed: the body goes through a fixed buffer, never into memory whole.
-
-use std::io::{Read, Write};
+//! Disk routes: list, create, import, get, change, delete, export. Each maps onto one call of
+//! the control plane's `Manager`; imports and exports are streamed.
 
 use axum::body::Body;
 use axum::extract::{Path, Query};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use control::{DiskCreate, DiskPatch, ImageCreate};
-use futures_util::TryStreamExt;
+use axum::response::Response;
 use serde::Deserialize;
 
 use crate::error::{ApiError, ErrorBody};
-use crate::instances::{blocking, if_match, with_etag, Mgr};
 use crate::json::ApiJson;
-use crate::listing::{self, ListQuery};
+use crate::listing::{self, ListQuery, ListedDisk};
+use crate::plane::{blocking, Mgr};
+use crate::resource::{disk_path, if_match};
+use crate::respond::{created, with_etag};
+use crate::streaming::{body_reader, body_writer};
+use crate::wire::{Disk, DiskCreate, DiskFormat, DiskPatch};
 
-#[utoipa::path(get, path = "/v1/disks", tag = "disks", params(ListQuery),
-    responses((status = 200, description = "The disks (a page of them with `limit`; the next page's token in `x-next-page-token`)")))]
+/// The disks, oldest first.
+///
+/// `state` keeps the `attached` or the `detached` ones, `name` the one of that name.
+#[utoipa::path(get, path = "/v1/disks", tag = "disks", operation_id = "disk_list",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The disks (a page of them with `limit`)",
+            content(([ListedDisk] = "application/json"), (String = "application/x-ndjson")),
+            headers(("x-next-page-token" = String, description = "The `page_token` of the next page, when there is one"))),
+        (status = 400, description = "`bad_request` or `invalid_value`: a bad query (`limit`, `page_token`)", body = ErrorBody),
+    ))]
 pub(crate) async fn list(
     Mgr(m): Mgr,
     Query(q): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let disks = blocking(move || Ok(m.disks())).await?;
-    let items: Vec<_> = disks
+    let items: Vec<Disk> = disks
         .into_iter()
         .filter(|d| {
             let state = if d.attached_to.is_some() {
@@ -36,215 +44,174 @@ pub(crate) async fn list(
             q.state.as_deref().is_none_or(|s| s == state)
         })
         .filter(|d| q.name.as_deref().is_none_or(|n| d.def.name == n))
+        .map(Disk::from)
         .collect();
     listing::respond(items, &q, &headers)
 }
 
-#[utoipa::path(post, path = "/v1/disks", tag = "disks",
-    request_body(content = Object, description = "{name, size, block_size, format: raw|qcow2, source: {type: blank} | {type: image, image} | {type: disk, disk}}"),
-    responses((status = 201, description = "Created"), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+/// Creates a disk: blank (sparse), from an image (a qcow2 overlay on it, or a raw copy) or a
+/// copy of another disk.
+#[utoipa::path(post, path = "/v1/disks", tag = "disks", operation_id = "disk_create",
+    request_body(content = DiskCreate, description = "The new disk"),
+    responses(
+        (status = 201, description = "Created", body = Disk,
+            headers(("ETag" = String, description = "The definition's entity tag, for `If-Match`"),
+                    ("Location" = String, description = "The new disk's path"))),
+        (status = 400, description = "`invalid_value` (names the field) or `bad_request`", body = ErrorBody),
+        (status = 404, description = "`not_found`: its source image went away while it was made", body = ErrorBody),
+        (status = 409, description = "`already_exists` (the name) or `in_use` (the source disk's instance runs)", body = ErrorBody),
+    ))]
 pub(crate) async fn create(
     Mgr(m): Mgr,
     ApiJson(spec): ApiJson<DiskCreate>,
 ) -> Result<Response, ApiError> {
-    let disk = blocking(move || m.create_disk(spec).map_err(ApiError::from)).await?;
-    let mut r = with_etag(StatusCode::CREATED, &disk, &disk.etag());
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/disks/{}", disk.def.id)) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(r)
+    let disk = blocking(move || m.create_disk(spec.into())).await?;
+    let rev = disk.revision();
+    let disk = Disk::from(disk);
+    Ok(created(&disk, rev, &disk_path(disk.id)))
 }
 
-#[utoipa::path(get, path = "/v1/disks/{disk}", tag = "disks", params(("disk" = String, Path, description = "Id or name")),
-    responses((status = 200, description = "The disk, with an ETag"), (status = 404, body = ErrorBody)))]
+/// One disk, by id or name.
+#[utoipa::path(get, path = "/v1/disks/{disk}", tag = "disks", operation_id = "disk_get",
+    params(("disk" = String, Path, description = "The disk's id or name")),
+    responses(
+        (status = 200, description = "The disk", body = Disk,
+            headers(("ETag" = String, description = "The definition's entity tag, for `If-Match`"))),
+        (status = 404, description = "`not_found`: no such disk", body = ErrorBody),
+    ))]
 pub(crate) async fn get(Mgr(m): Mgr, Path(key): Path<String>) -> Result<Response, ApiError> {
-    let disk = blocking(move || m.disk(&key).map_err(ApiError::from)).await?;
-    Ok(with_etag(StatusCode::OK, &disk, &disk.etag()))
+    let disk = blocking(move || m.disk(&key)).await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        &Disk::from(disk.clone()),
+        disk.revision(),
+    ))
 }
 
-#[utoipa::path(patch, path = "/v1/disks/{disk}", tag = "disks",
-    params(("disk" = String, Path, description = "Id or name"), ("If-Match" = Option<String>, Header, description = "ETag from GET")),
-    request_body(content = Object, description = "{name, description, size (grow only, detached only)}"),
-    responses((status = 200, description = "The disk"), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 412, body = ErrorBody)))]
+/// Renames, re-describes or grows a disk (it only grows, and only while detached). With
+/// `If-Match`, only if the definition has not changed since.
+#[utoipa::path(patch, path = "/v1/disks/{disk}", tag = "disks", operation_id = "disk_update",
+    params(("disk" = String, Path, description = "The disk's id or name"),
+           ("If-Match" = Option<String>, Header, description = "An `ETag` of the disk: change it only if it is still the current one (`*`: any)")),
+    request_body(content = DiskPatch, description = "The fields to change"),
+    responses(
+        (status = 200, description = "The disk, changed", body = Disk,
+            headers(("ETag" = String, description = "The definition's new entity tag"))),
+        (status = 400, description = "`invalid_value` (names the field) or `bad_request`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such disk", body = ErrorBody),
+        (status = 409, description = "`already_exists` (the new name) or `in_use` (growing an attached disk)", body = ErrorBody),
+        (status = 412, description = "`precondition_failed`: `If-Match` is not the current `ETag`", body = ErrorBody),
+    ))]
 pub(crate) async fn patch(
     Mgr(m): Mgr,
     Path(key): Path<String>,
     headers: HeaderMap,
     ApiJson(p): ApiJson<DiskPatch>,
 ) -> Result<Response, ApiError> {
-    let tag = if_match(&headers);
-    let disk = blocking(move || {
-        m.patch_disk(&key, p, tag.as_deref())
-            .map_err(ApiError::from)
-    })
-    .await?;
-    Ok(with_etag(StatusCode::OK, &disk, &disk.etag()))
+    let expected = if_match(&headers);
+    let disk = blocking(move || m.patch_disk(&key, p.into(), expected)).await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        &Disk::from(disk.clone()),
+        disk.revision(),
+    ))
 }
 
-#[utoipa::path(delete, path = "/v1/disks/{disk}", tag = "disks", params(("disk" = String, Path, description = "Id or name")),
-    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+/// Deletes a detached disk and its file.
+#[utoipa::path(delete, path = "/v1/disks/{disk}", tag = "disks", operation_id = "disk_delete",
+    params(("disk" = String, Path, description = "The disk's id or name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "`not_found`: no such disk", body = ErrorBody),
+        (status = 409, description = "`in_use`: attached to an instance, or being copied or exported", body = ErrorBody),
+    ))]
 pub(crate) async fn delete(Mgr(m): Mgr, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
-    blocking(move || m.delete_disk(&key).map_err(ApiError::from)).await?;
+    blocking(move || m.delete_disk(&key)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The request body as a blocking reader (for `spawn_blocking`).
-fn body_reader(body: Body) -> impl Read + Send + 'static {
-    let stream = body.into_data_stream().map_err(std::io::Error::other);
-    tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream))
-}
-
+/// Options of `POST /v1/disks/import`.
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ImportQuery {
     /// Name of the new disk.
     name: String,
-    /// Format to store it in (`raw` by default); the stream may be raw or qcow2.
-    format: Option<String>,
+    /// Format to store it in (`raw` by default); the stream may be raw or qcow2 either way.
+    format: Option<DiskFormat>,
 }
 
-#[utoipa::path(post, path = "/v1/disks/import", tag = "disks", params(ImportQuery),
-    request_body(content = Vec<u8>, description = "The image bytes (raw or self-contained qcow2), streamed", content_type = "application/octet-stream"),
-    responses((status = 201, description = "The new disk"), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+/// Creates a disk from the streamed request body: a raw image, or a self-contained qcow2.
+#[utoipa::path(post, path = "/v1/disks/import", tag = "disks", operation_id = "disk_import",
+    params(ImportQuery),
+    request_body(content = Vec<u8>, description = "The image's bytes, streamed", content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "The new disk", body = Disk,
+            headers(("ETag" = String, description = "The definition's entity tag, for `If-Match`"),
+                    ("Location" = String, description = "The new disk's path"))),
+        (status = 400, description = "`invalid_value`: the name, or a stream that is not a usable image (names `body`)", body = ErrorBody),
+        (status = 409, description = "`already_exists`: the name is taken", body = ErrorBody),
+    ))]
 pub(crate) async fn import(
     Mgr(m): Mgr,
     Query(q): Query<ImportQuery>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let mut reader = body_reader(body);
-    let disk = blocking(move || {
-        m.import_disk(&q.name, q.format.as_deref(), &mut reader, &mut |_| {})
-            .map_err(ApiError::from)
-    })
-    .await?;
-    Ok(with_etag(StatusCode::CREATED, &disk, &disk.etag()))
+    let format = q.format.unwrap_or(DiskFormat::Raw).into();
+    let disk = blocking(move || m.import_disk(&q.name, format, &mut reader)).await?;
+    let rev = disk.revision();
+    let disk = Disk::from(disk);
+    Ok(created(&disk, rev, &disk_path(disk.id)))
 }
 
+/// Options of `GET /v1/disks/{disk}/export`.
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ExportQuery {
-    /// `raw` (default) or `qcow2` (allocated clusters only).
-    format: Option<String>,
+    /// `raw` (default: every byte of the disk) or `qcow2` (its allocated clusters only).
+    format: Option<DiskFormat>,
 }
 
-/// Sends what it is given to the response body, a chunk at a time.
-struct ChannelWriter(tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>);
-
-impl Write for ChannelWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .blocking_send(Ok(buf.to_vec()))
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[utoipa::path(get, path = "/v1/disks/{disk}/export", tag = "disks", params(("disk" = String, Path, description = "Id or name"), ExportQuery),
-    responses((status = 200, description = "The disk's content, streamed", content_type = "application/octet-stream"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+/// The disk's content as a stream. Refused while an instance it is attached to runs.
+#[utoipa::path(get, path = "/v1/disks/{disk}/export", tag = "disks", operation_id = "disk_export",
+    params(("disk" = String, Path, description = "The disk's id or name"), ExportQuery),
+    responses(
+        (status = 200, description = "The disk's content, streamed (cut short if reading fails)", body = Vec<u8>, content_type = "application/octet-stream",
+            headers(("Content-Length" = u64, description = "For a raw export: the disk's size"))),
+        (status = 404, description = "`not_found`: no such disk", body = ErrorBody),
+        (status = 409, description = "`in_use`: attached to an instance that runs", body = ErrorBody),
+    ))]
 pub(crate) async fn export(
     Mgr(m): Mgr,
     Path(key): Path<String>,
     Query(q): Query<ExportQuery>,
 ) -> Result<Response, ApiError> {
     // Refusals come as errors before the first byte; later failures cut the stream short.
-    let (m2, k2, f2) = (m.clone(), key.clone(), q.format.clone());
-    let disk =
-        blocking(move || m2.check_export(&k2, f2.as_deref()).map_err(ApiError::from)).await?;
-    let raw = q.format.as_deref().unwrap_or("raw") == "raw";
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let format = q.format.unwrap_or(DiskFormat::Raw);
+    let export = blocking(move || m.export_disk(&key, format.into())).await?;
+    let length = (format == DiskFormat::Raw).then_some(export.size);
+    let (mut out, body) = body_writer();
     tokio::task::spawn_blocking(move || {
-        // Whole writes of up to the exporter's buffer size go out as one chunk.
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, ChannelWriter(tx.clone()));
-        let r = m
-            .export_disk(&key, q.format.as_deref(), &mut out)
-            .map_err(|e| e.to_string())
-            .and_then(|_| out.flush().map_err(|e| e.to_string()));
-        if let Err(e) = r {
-            tracing::warn!("export of disk {key}: {e}");
-            let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+        match export.write_to(&mut out).map_err(|e| e.to_string()) {
+            Ok(_) => {
+                if let Err(e) = out.finish() {
+                    tracing::warn!("export: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("export: {e}");
+                out.fail(e);
+            }
         }
     });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut r = Response::new(Body::from_stream(stream));
+    let mut r = Response::new(body);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if raw {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(disk.def.size));
+    if let Some(len) = length {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     Ok(r)
-}
-
-#[utoipa::path(get, path = "/v1/images", tag = "images", params(ListQuery),
-    responses((status = 200, description = "The images, kiln-probe first")))]
-pub(crate) async fn images(
-    Mgr(m): Mgr,
-    Query(q): Query<ListQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let items: Vec<_> = m
-        .images()
-        .into_iter()
-        .filter(|i| q.name.as_deref().is_none_or(|n| i.name == n))
-        .collect();
-    listing::respond(items, &q, &headers)
-}
-
-#[utoipa::path(post, path = "/v1/images", tag = "images",
-    request_body(content = Object, description = "{name, kind: kernel|initrd|disk, path: a file inside an --image-dir}"),
-    responses((status = 201, description = "Registered"), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(crate) async fn add_image(
-    Mgr(m): Mgr,
-    ApiJson(spec): ApiJson<ImageCreate>,
-) -> Result<Response, ApiError> {
-    let img = blocking(move || m.add_image(spec).map_err(ApiError::from)).await?;
-    Ok((StatusCode::CREATED, Json(img)).into_response())
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct UploadQuery {
-    /// Name of the new image.
-    name: String,
-    /// `kernel`, `initrd` or `disk`.
-    kind: String,
-}
-
-#[utoipa::path(post, path = "/v1/images/upload", tag = "images", params(UploadQuery),
-    request_body(content = Vec<u8>, description = "The image file, streamed", content_type = "application/octet-stream"),
-    responses((status = 201, description = "Registered"), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(crate) async fn upload_image(
-    Mgr(m): Mgr,
-    Query(q): Query<UploadQuery>,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let mut reader = body_reader(body);
-    let img = blocking(move || {
-        m.upload_image(&q.name, &q.kind, &mut reader)
-            .map_err(ApiError::from)
-    })
-    .await?;
-    Ok((StatusCode::CREATED, Json(img)).into_response())
-}
-
-#[utoipa::path(get, path = "/v1/images/{image}", tag = "images", params(("image" = String, Path, description = "Id or name")),
-    responses((status = 200, description = "The image"), (status = 404, body = ErrorBody)))]
-pub(crate) async fn get_image(Mgr(m): Mgr, Path(key): Path<String>) -> Result<Response, ApiError> {
-    Ok(Json(m.image(&key)?).into_response())
-}
-
-#[utoipa::path(delete, path = "/v1/images/{image}", tag = "images", params(("image" = String, Path, description = "Id or name")),
-    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub(crate) async fn delete_image(
-    Mgr(m): Mgr,
-    Path(key): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    blocking(move || m.delete_image(&key).map_err(ApiError::from)).await?;
-    Ok(StatusCode::NO_CONTENT)
 }

@@ -8,13 +8,13 @@ use std::fmt;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::request_id::RequestId;
 
 /// The machine-readable code of an error; each code has one HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// 400: the request is malformed (bad JSON, bad header, bad query).
@@ -120,14 +120,14 @@ pub struct ApiError {
 }
 
 /// The JSON body of every error response.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// The `error` member of [`ErrorBody`].
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Machine-readable code; fixes the HTTP status.
     pub code: ErrorCode,
@@ -289,20 +289,23 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ErrorRendered;
 
-/// Each manager refusal maps onto one API error code (API.md).
-impl From<control::ManagerError> for ApiError {
-    fn from(e: control::ManagerError) -> Self {
-        use control::ManagerError as M;
+/// Each refusal of the control plane maps onto one API error code (API.md).
+impl From<control::Error> for ApiError {
+    fn from(e: control::Error) -> Self {
+        use control::Error as E;
         let msg = e.to_string();
         match e {
-            M::NotFound(..) => ApiError::not_found(msg),
-            M::InvalidState { .. } => ApiError::invalid_state(msg),
-            M::AlreadyExists(..) => ApiError::already_exists(msg),
-            M::InvalidValue { field, message } => ApiError::invalid_value(&field, message),
-            M::InsufficientCapacity(_) => ApiError::insufficient_capacity(msg),
-            M::PreconditionFailed(_) => ApiError::precondition_failed(msg),
-            M::InUse(_) => ApiError::in_use(msg),
-            M::Internal(_) => ApiError::internal(msg),
+            E::NotFound { .. } => ApiError::not_found(msg),
+            E::InvalidState { .. } => ApiError::invalid_state(msg),
+            E::AlreadyExists { .. } => ApiError::already_exists(msg),
+            E::InvalidValue { field, message } => ApiError::invalid_value(&field, message),
+            E::InsufficientCapacity(_) => ApiError::insufficient_capacity(msg),
+            E::Changed { kind, current } => ApiError::precondition_failed(format!(
+                "the {kind} changed since you read it (ETag {})",
+                crate::resource::etag(current)
+            )),
+            E::InUse(_) => ApiError::in_use(msg),
+            E::Internal(_) => ApiError::internal(msg),
         }
     }
 }

@@ -9,24 +9,38 @@
 //! - [`request_id`], [`api_version`], [`metrics`] and the private `error_shape`: middleware;
 //! - [`auth`]: the TCP bearer token; [`listen`]: the listeners;
 //! - [`mod@router`]: [`AppState`], the route table and the router; [`openapi`]: the document;
-//! - [`server_info`]: `GET /v1`; `instances`: instances, actions, console, operations.
+//! - [`server_info`]: `GET /v1`; `instances`, `console`, `operations`, `events`, `disks`,
+//!   `images`: the routes of each resource, each a call of the control plane;
+//! - [`wire`]: the request and response bodies, with their schemas; [`resource`]: paths and
+//!   ETags; `plane`, `respond`, `streaming`: what the handlers share.
+//!
+//! Only this crate knows HTTP: the control plane below it names nothing by path.
 
 #![warn(missing_docs)]
 
 pub mod api_version;
 pub mod auth;
+pub mod console;
 mod disks;
 pub mod error;
 mod error_shape;
+mod events;
+mod images;
 mod instances;
 pub mod json;
 pub mod listen;
 mod listing;
 pub mod metrics;
 pub mod openapi;
+mod operations;
+mod plane;
 pub mod request_id;
+pub mod resource;
+mod respond;
 pub mod router;
 pub mod server_info;
+mod streaming;
+pub mod wire;
 
 pub use api_version::API_VERSION;
 pub use error::{ApiError, ErrorCode};
@@ -36,4 +50,4 @@ pub use metrics::Metrics;
 pub use openapi::ApiDoc;
 pub use request_id::RequestId;
 pub use router::{api_routes, router, routes, ApiRouter, AppState, ManagerRef, RouteInfo};
-pub use server_info::{HostInfo, ServerInfo};
+pub use server_info::{HostInfo, ServerInfo, ServerInfoResponse};

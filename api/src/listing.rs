@@ -2,13 +2,61 @@
 //! (the next page's token comes in the `x-next-page-token` header), `fields=a,b` to keep only
 //! some fields, and `ndjson` (or `Accept: application/x-ndjson`) for one JSON object per line.
 
+use std::borrow::Cow;
+
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use utoipa::openapi::schema::Schema;
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
+
 use crate::error::ApiError;
+
+/// Declares the schema of an item of a list: the item's, with every property optional
+/// (`fields` keeps only some; without it, every one is there).
+macro_rules! listed {
+    ($(#[$meta:meta])* $listed:ident = $item:ty) => {
+        $(#[$meta])*
+        pub(crate) struct $listed;
+
+        impl PartialSchema for $listed {
+            fn schema() -> RefOr<Schema> {
+                let mut schema = <$item as PartialSchema>::schema();
+                if let RefOr::T(Schema::Object(o)) = &mut schema {
+                    o.required.clear();
+                    o.description = Some(format!(
+                        "{}: every field, or those `fields` names",
+                        <$item as ToSchema>::name()
+                    ));
+                }
+                schema
+            }
+        }
+
+        impl ToSchema for $listed {
+            fn name() -> Cow<'static, str> {
+                Cow::Borrowed(stringify!($listed))
+            }
+        }
+    };
+}
+
+listed!(
+    /// An instance in a list.
+    ListedInstance = crate::wire::Instance
+);
+listed!(
+    /// A disk in a list.
+    ListedDisk = crate::wire::Disk
+);
+listed!(
+    /// An image in a list.
+    ListedImage = crate::wire::Image
+);
 
 /// Largest page a client may ask for.
 const MAX_LIMIT: usize = 1000;
@@ -17,11 +65,12 @@ const MAX_LIMIT: usize = 1000;
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
-    /// Only items in this state.
+    /// Only items in this state (instances: `running`, …; disks: `attached` or `detached`).
     pub state: Option<String>,
     /// Only the item with this name.
     pub name: Option<String>,
     /// At most this many items (1–1000).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// Where the previous page stopped (its `x-next-page-token` header).
     pub page_token: Option<String>,

@@ -147,27 +147,14 @@ impl Metrics {
 }
 
 /// Every instance state, in the order `kiln_instances` lists them.
-const STATES: [InstanceState; 7] = [
-    InstanceState::Stopped,
-    InstanceState::Starting,
-    InstanceState::Running,
-    InstanceState::Paused,
-    InstanceState::Stopping,
-    InstanceState::Rebooting,
-    InstanceState::Failed,
-];
+const STATES: [InstanceState; 7] = InstanceState::ALL;
 
-/// Position of `state` in [`STATES`]; exhaustive, so that a new state cannot be forgotten.
+/// Position of `state` in [`STATES`].
 fn state_index(state: InstanceState) -> usize {
-    match state {
-        InstanceState::Stopped => 0,
-        InstanceState::Starting => 1,
-        InstanceState::Running => 2,
-        InstanceState::Paused => 3,
-        InstanceState::Stopping => 4,
-        InstanceState::Rebooting => 5,
-        InstanceState::Failed => 6,
-    }
+    STATES
+        .iter()
+        .position(|s| *s == state)
+        .expect("ALL has every state")
 }
 
 /// The VMM's scrape-time metrics (see [`Metrics::register_vmm`]).
@@ -188,7 +175,7 @@ impl Collector for VmmCollector {
 
         let mut by_state = [0i64; STATES.len()];
         for i in &instances {
-            by_state[state_index(i.state)] += 1;
+            by_state[state_index(i.status.state)] += 1;
         }
         let mut family = encoder.encode_descriptor(
             "instances",
@@ -253,11 +240,11 @@ impl VmmCollector {
         &self,
         encoder: &mut DescriptorEncoder,
         manager: Option<&Manager>,
-        instances: &[control::Instance],
+        instances: &[control::InstanceView],
     ) -> Result<(), std::fmt::Error> {
         let devices: Vec<(String, Vec<control::DeviceCounters>)> = instances
             .iter()
-            .filter(|i| i.state != InstanceState::Stopped && i.state != InstanceState::Failed)
+            .filter(|i| !i.status.state.is_stopped())
             .filter_map(|i| {
                 let m = manager?;
                 Some((i.def.name.clone(), m.device_counters(&i.def.id.to_string())))
@@ -316,6 +303,7 @@ pub(crate) async fn record(State(metrics): State<Metrics>, req: Request, next: N
     get,
     path = "/metrics",
     tag = "server",
+    operation_id = "metrics",
     responses(
         (status = 200, description = "Prometheus metrics (OpenMetrics text format)",
          body = String, content_type = "application/openmetrics-text"),

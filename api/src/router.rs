@@ -16,7 +16,8 @@ use crate::json::JSON_BODY_LIMIT;
 use crate::metrics::Metrics;
 use crate::server_info::ServerInfo;
 use crate::{
-    api_version, disks, error_shape, instances, metrics, openapi, request_id, server_info,
+    api_version, console, disks, error_shape, events, images, instances, metrics, openapi,
+    operations, request_id, server_info,
 };
 
 /// What every handler can reach. Cheap to clone.
@@ -169,6 +170,7 @@ pub fn api_routes() -> ApiRouter {
         .route(Method::GET, "/v1/instances", instances::list)
         .route(Method::POST, "/v1/instances", instances::create)
         .route(Method::GET, "/v1/instances/{instance}", instances::get)
+        .route(Method::PATCH, "/v1/instances/{instance}", instances::patch)
         .route(
             Method::DELETE,
             "/v1/instances/{instance}",
@@ -180,24 +182,6 @@ pub fn api_routes() -> ApiRouter {
             instances::action,
         )
         .route(
-            Method::GET,
-            "/v1/instances/{instance}/console",
-            instances::console,
-        )
-        .route(
-            Method::GET,
-            "/v1/instances/{instance}/console/stream",
-            instances::console_stream,
-        )
-        .route(Method::GET, "/v1/operations", instances::operations)
-        .route(Method::GET, "/v1/operations/{id}", instances::operation)
-        .route(
-            Method::GET,
-            "/v1/operations/{id}/wait",
-            instances::wait_operation,
-        )
-        .route(Method::PATCH, "/v1/instances/{instance}", instances::patch)
-        .route(
             Method::POST,
             "/v1/instances/{instance}/disks",
             instances::attach,
@@ -207,7 +191,20 @@ pub fn api_routes() -> ApiRouter {
             "/v1/instances/{instance}/disks/{disk}",
             instances::detach,
         )
-        .route(Method::GET, "/v1/events", instances::events)
+        .route(
+            Method::GET,
+            "/v1/instances/{instance}/console",
+            console::history,
+        )
+        .route(
+            Method::GET,
+            "/v1/instances/{instance}/console/stream",
+            console::stream,
+        )
+        .route(Method::GET, "/v1/operations", operations::list)
+        .route(Method::GET, "/v1/operations/{id}", operations::get)
+        .route(Method::GET, "/v1/operations/{id}/wait", operations::wait)
+        .route(Method::GET, "/v1/events", events::stream)
         .route(Method::GET, "/v1/disks", disks::list)
         .route(Method::POST, "/v1/disks", disks::create)
         .streaming_route(Method::POST, "/v1/disks/import", disks::import)
@@ -215,11 +212,11 @@ pub fn api_routes() -> ApiRouter {
         .route(Method::PATCH, "/v1/disks/{disk}", disks::patch)
         .route(Method::DELETE, "/v1/disks/{disk}", disks::delete)
         .route(Method::GET, "/v1/disks/{disk}/export", disks::export)
-        .route(Method::GET, "/v1/images", disks::images)
-        .route(Method::POST, "/v1/images", disks::add_image)
-        .streaming_route(Method::POST, "/v1/images/upload", disks::upload_image)
-        .route(Method::GET, "/v1/images/{image}", disks::get_image)
-        .route(Method::DELETE, "/v1/images/{image}", disks::delete_image)
+        .route(Method::GET, "/v1/images", images::list)
+        .route(Method::POST, "/v1/images", images::create)
+        .streaming_route(Method::POST, "/v1/images/upload", images::upload)
+        .route(Method::GET, "/v1/images/{image}", images::get)
+        .route(Method::DELETE, "/v1/images/{image}", images::delete)
 }
 
 /// The routes [`router`] serves (method and path), for checks against the OpenAPI document.

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::api_version::API_VERSION;
@@ -19,7 +19,7 @@ pub struct ServerInfo {
 }
 
 /// The host's resources, as `GET /v1` reports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HostInfo {
     /// Online CPUs of the host.
     pub cpus: u32,
@@ -28,7 +28,7 @@ pub struct HostInfo {
 }
 
 /// The body of `GET /v1`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ServerInfoResponse {
     /// Always `"kiln"`.
     pub name: String,
@@ -63,6 +63,7 @@ impl ServerInfoResponse {
     get,
     path = "/v1",
     tag = "server",
+    operation_id = "server_info",
     responses(
         (status = 200, description = "Server and host information", body = ServerInfoResponse),
     )

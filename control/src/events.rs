@@ -1,71 +1,134 @@
-//! The host's event log: state changes and operation updates, numbered, newest kept.
+//! The host's event log: state changes and operation updates, numbered, the newest kept.
+//! Readers waiting for new events are woken by a watch channel of the last number.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use devices::bus::lock;
-use serde::Serialize;
+use tokio::sync::watch;
+use uuid::Uuid;
 
 const KEEP: usize = 4096;
 
+/// What an event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// An instance's state changed (`state` is the new one, or `deleted`).
+    InstanceState(Uuid),
+    /// An instance's definition changed (`state` is its state).
+    InstanceUpdated(Uuid),
+    /// A disk was created or deleted.
+    Disk(Uuid),
+    /// An image was registered or deleted.
+    Image(Uuid),
+    /// An operation ended (`succeeded` or `failed`).
+    Operation(Uuid),
+}
+
+impl Subject {
+    /// The event's kind: `instance.state`, `instance.updated`, `disk`, `image`, `operation`.
+    pub const fn kind(self) -> &'static str {
+        match self {
+            Subject::InstanceState(_) => "instance.state",
+            Subject::InstanceUpdated(_) => "instance.updated",
+            Subject::Disk(_) => "disk",
+            Subject::Image(_) => "image",
+            Subject::Operation(_) => "operation",
+        }
+    }
+}
+
 /// One event.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
-    /// Increasing sequence number.
+    /// Increasing sequence number, from 1.
     pub seq: u64,
     /// RFC 3339.
     pub time: String,
-    /// `instance.state` or `operation`.
-    pub kind: String,
-    /// API path of the resource.
-    pub resource: String,
-    /// The new state.
+    /// What it is about.
+    pub subject: Subject,
+    /// The new state (`running`, `created`, `deleted`, `succeeded`, …).
     pub state: String,
     /// Why, when there is a reason.
     pub reason: Option<String>,
 }
 
 /// Events, with waiting for new ones.
-#[derive(Default)]
 pub struct EventLog {
-    log: Mutex<(VecDeque<Event>, u64)>,
-    added: Condvar,
+    log: Mutex<VecDeque<Event>>,
+    last: watch::Sender<u64>,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        Self {
+            log: Mutex::default(),
+            last: watch::channel(0).0,
+        }
+    }
 }
 
 impl EventLog {
     /// Records an event.
-    pub fn push(&self, kind: &str, resource: String, state: String, reason: Option<String>) {
+    pub fn push(&self, subject: Subject, state: &str, reason: Option<String>) {
+        // The number is published under the log's lock, so that it never goes back.
         let mut l = lock(&self.log);
-        l.1 += 1;
+        let seq = l.back().map_or(0, |e| e.seq) + 1;
         let e = Event {
-            seq: l.1,
-            time: super::model::now(),
-            kind: kind.into(),
-            resource,
-            state,
+            seq,
+            time: crate::model::now(),
+            subject,
+            state: state.into(),
             reason,
         };
-        tracing::info!(resource = %e.resource, state = %e.state, "{}", e.kind);
-        l.0.push_back(e);
-        if l.0.len() > KEEP {
-            l.0.pop_front();
+        tracing::info!(subject = ?e.subject, state = %e.state, "{}", subject.kind());
+        l.push_back(e);
+        if l.len() > KEEP {
+            l.pop_front();
         }
-        self.added.notify_all();
+        self.last.send_replace(seq);
     }
 
     /// The sequence number of the newest event (0 before the first).
     pub fn last_seq(&self) -> u64 {
-        lock(&self.log).1
+        *self.last.borrow()
+    }
+
+    /// The events kept after `seq`.
+    pub fn since(&self, seq: u64) -> Vec<Event> {
+        lock(&self.log)
+            .iter()
+            .filter(|e| e.seq > seq)
+            .cloned()
+            .collect()
     }
 
     /// Events after `seq`, waiting up to `timeout` for one if there are none yet.
-    pub fn since(&self, seq: u64, timeout: Duration) -> Vec<Event> {
-        let l = lock(&self.log);
-        let (l, _) = self
-            .added
-            .wait_timeout_while(l, timeout, |l| l.1 <= seq)
-            .unwrap_or_else(|e| e.into_inner());
-        l.0.iter().filter(|e| e.seq > seq).cloned().collect()
+    pub async fn wait_since(&self, seq: u64, timeout: Duration) -> Vec<Event> {
+        let mut rx = self.last.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|last| *last > seq)).await;
+        self.since(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn numbered_and_waited_for() {
+        let log = std::sync::Arc::new(EventLog::default());
+        assert!(log.wait_since(0, Duration::from_millis(1)).await.is_empty());
+        let l2 = log.clone();
+        let waiter = tokio::spawn(async move { l2.wait_since(0, Duration::from_secs(30)).await });
+        tokio::task::yield_now().await;
+        log.push(Subject::Disk(Uuid::nil()), "created", None);
+        log.push(Subject::Disk(Uuid::nil()), "deleted", None);
+        let got = waiter.await.unwrap();
+        assert_eq!(got[0].seq, 1);
+        assert_eq!(got[0].subject.kind(), "disk");
+        assert_eq!(log.last_seq(), 2);
+        assert_eq!(log.since(1).len(), 1);
     }
 }

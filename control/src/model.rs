@@ -1,203 +1,25 @@
-//! Instances as clients see them and as the state directory stores them (API.md).
+//! What the state directory keeps: the definitions of instances, disks and images. They refer
+//! to each other by id; names are looked up when a view is made, so that a rename changes one
+//! definition only. MACs and formats are typed values, parsed once when a client sends them.
 
+use std::path::PathBuf;
+
+use images::Format;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+use vmm::MacAddr;
 
-/// Lifecycle states of an instance (API.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InstanceState {
-    /// Defined, not running.
-    Stopped,
-    /// Being built and booted.
-    Starting,
-    /// The guest runs.
-    Running,
-    /// vCPUs stopped, memory kept.
-    Paused,
-    /// Stopping (gracefully, then hard after a timeout).
-    Stopping,
-    /// Re-booting in place.
-    Rebooting,
-    /// The VM died; `state_reason` says why.
-    Failed,
-}
-
-impl InstanceState {
-    /// The state's name in the API (as serialised).
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Stopped => "stopped",
-            Self::Starting => "starting",
-            Self::Running => "running",
-            Self::Paused => "paused",
-            Self::Stopping => "stopping",
-            Self::Rebooting => "rebooting",
-            Self::Failed => "failed",
-        }
-    }
-}
-
-impl std::fmt::Display for InstanceState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A size: bytes as an integer, or a string with a binary unit ("512MiB").
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Size {
-    /// Bytes.
-    Bytes(u64),
-    /// With a unit.
-    Text(String),
-}
-
-impl Size {
-    /// The size in bytes.
-    pub fn bytes(&self) -> Result<u64, String> {
-        match self {
-            Size::Bytes(b) => Ok(*b),
-            Size::Text(s) => vmm::config::parse_size(s, 1),
-        }
-    }
-}
-
-/// How an instance boots.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct BootSpec {
-    /// Kernel image (name or id; `kiln-probe` is built in).
-    pub kernel: String,
-    /// Initrd image (name or id).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initrd: Option<String>,
-    /// Kernel command line.
-    #[serde(default)]
-    pub cmdline: String,
-}
-
-/// A NIC as given at create time.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NicSpec {
-    /// Name inside the instance's definition (`eth0`).
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Host TAP device, opened (and created if missing) at start.
-    pub host_tap: String,
-    /// MAC address; generated when absent.
-    #[serde(default)]
-    pub mac: Option<String>,
-}
-
-/// A NIC of an instance.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Nic {
-    /// Name inside the instance's definition.
-    pub name: String,
-    /// Host TAP device.
-    pub host_tap: String,
-    /// MAC address.
-    pub mac: String,
-}
-
-/// A disk attached to an instance.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AttachedDisk {
-    /// The disk's id.
+/// One version of a definition: its id and how many times it changed. A client that read a
+/// definition names the revision it read to change it only if nobody changed it since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Revision {
+    /// The definition's id.
     pub id: Uuid,
-    /// The disk's name.
-    pub disk: String,
-    /// The guest may not write.
-    #[serde(default)]
-    pub read_only: bool,
+    /// Bumped on every change.
+    pub generation: u64,
 }
 
-/// A disk entry of a create request: an existing disk, or a new one made on the spot.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-pub enum DiskSpec {
-    /// Attach an existing disk.
-    Existing(ExistingDisk),
-    /// Create a disk and attach it.
-    Create(NewDisk),
-}
-
-/// `{"disk": "name or id", "read_only": false}`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExistingDisk {
-    /// The disk.
-    pub disk: String,
-    /// The guest may not write.
-    #[serde(default)]
-    pub read_only: bool,
-}
-
-/// `{"create": {disk create body}, "read_only": false}`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewDisk {
-    /// The body of `POST /v1/disks`.
-    pub create: super::disks::DiskCreate,
-    /// The guest may not write.
-    #[serde(default)]
-    pub read_only: bool,
-}
-
-/// The body of `PATCH /v1/instances/{instance}`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstancePatch {
-    /// New name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// New description.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// vCPUs (only while stopped).
-    #[serde(default)]
-    pub vcpus: Option<u32>,
-    /// Memory (only while stopped).
-    #[serde(default)]
-    pub memory: Option<Size>,
-    /// Start again when `kiln serve` starts.
-    #[serde(default)]
-    pub auto_start: Option<bool>,
-}
-
-/// The body of a create request.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceCreate {
-    /// Unique name.
-    pub name: String,
-    /// Free text.
-    #[serde(default)]
-    pub description: String,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Guest memory.
-    pub memory: Size,
-    /// How it boots.
-    pub boot: BootSpec,
-    /// Disks to attach (or create and attach).
-    #[serde(default)]
-    pub disks: Vec<DiskSpec>,
-    /// NICs.
-    #[serde(default)]
-    pub network_interfaces: Vec<NicSpec>,
-    /// Start again when `kiln serve` starts.
-    #[serde(default)]
-    pub auto_start: bool,
-    /// Start it right after creating it.
-    #[serde(default)]
-    pub start: bool,
-}
-
-/// What the state directory keeps of an instance.
+/// An instance's definition.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InstanceDef {
     /// UUID.
@@ -211,98 +33,194 @@ pub struct InstanceDef {
     /// Guest memory in bytes.
     pub memory: u64,
     /// How it boots.
-    pub boot: BootSpec,
+    pub boot: Boot,
     /// Attached disks, in the order the guest finds them.
     #[serde(default)]
-    pub disks: Vec<AttachedDisk>,
-    /// NICs.
+    pub disks: Vec<Attachment>,
+    /// NICs, in the order the guest finds them (after the disks).
     pub network_interfaces: Vec<Nic>,
-    /// Start again when `kiln serve` starts.
+    /// Start again when the control plane opens.
     pub auto_start: bool,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
     pub updated_at: String,
-    /// Bumped on every change; the ETag.
+    /// Bumped on every change.
     pub generation: u64,
 }
 
-/// An instance as clients see it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct Instance {
-    /// The definition.
-    #[serde(flatten)]
-    pub def: InstanceDef,
-    /// Lifecycle state.
-    pub state: InstanceState,
-    /// Why it failed (or the last state change's reason).
-    pub state_reason: Option<String>,
-    /// When the current run started (RFC 3339).
-    pub started_at: Option<String>,
-}
-
-impl Instance {
-    /// The entity tag of the definition (`If-Match`).
-    pub fn etag(&self) -> String {
-        etag(self.def.id, self.def.generation)
-    }
-}
-
-/// The entity tag of a definition with `id` at `generation`.
-pub(crate) fn etag(id: Uuid, generation: u64) -> String {
-    format!("\"{}-{}\"", id.simple(), generation)
-}
-
-/// Checks an `If-Match` header against the current entity tag (`*` matches anything).
-pub(crate) fn check_if_match(
-    if_match: Option<&str>,
-    current: &str,
-) -> Result<(), super::ManagerError> {
-    match if_match {
-        Some(tag) if tag != "*" && tag != current => {
-            Err(super::ManagerError::PreconditionFailed(current.to_string()))
+impl InstanceDef {
+    /// This version of the definition.
+    pub fn revision(&self) -> Revision {
+        Revision {
+            id: self.id,
+            generation: self.generation,
         }
-        _ => Ok(()),
     }
 }
 
-/// What an action asks for (API.md).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ActionKind {
-    /// stopped|failed → running.
-    Start,
-    /// running|paused → stopped.
-    Stop,
-    /// running → running, via a reboot.
-    Reboot,
-    /// Hard reset, stays running.
-    Reset,
-    /// running → paused.
-    Pause,
-    /// paused → running.
-    Resume,
-}
-
-/// An action request.
-#[derive(Clone, Copy, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Action {
-    /// What to do.
-    pub action: ActionKind,
-    /// Hard stop or hard reset at once.
+/// How an instance boots: images by id.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Boot {
+    /// The kernel image.
+    pub kernel: Uuid,
+    /// The initrd image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<Uuid>,
+    /// Kernel command line.
     #[serde(default)]
-    pub force: bool,
-    /// Graceful stop: seconds before a hard stop.
-    #[serde(default = "default_timeout")]
-    pub timeout_s: u64,
+    pub cmdline: String,
 }
 
-fn default_timeout() -> u64 {
-    30
+/// A disk attached to an instance.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    /// The disk's id.
+    pub disk: Uuid,
+    /// The guest may not write.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
-/// Checks an instance name: 1–63 of `[a-z0-9-]`, starting with a letter.
+/// A NIC of an instance.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Nic {
+    /// Name inside the instance's definition (`eth0`).
+    pub name: String,
+    /// Host TAP device.
+    pub host_tap: String,
+    /// MAC address.
+    #[serde(with = "mac_text")]
+    pub mac: MacAddr,
+}
+
+/// A disk's definition. Its file is `<state>/disks/<id>.<format>`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskDef {
+    /// UUID.
+    pub id: Uuid,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// How the file stores the disk.
+    #[serde(with = "format_name")]
+    pub format: Format,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Logical block size the guest sees: 512 or 4096.
+    pub block_size: u32,
+    /// Where the content came from.
+    pub source: Origin,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+    /// Bumped on every change.
+    pub generation: u64,
+}
+
+impl DiskDef {
+    /// This version of the definition.
+    pub fn revision(&self) -> Revision {
+        Revision {
+            id: self.id,
+            generation: self.generation,
+        }
+    }
+}
+
+/// Where a disk's first content came from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Origin {
+    /// Zeros.
+    Blank,
+    /// A base disk image: a qcow2 overlay on it, or a copy.
+    Image {
+        /// The image's id.
+        image: Uuid,
+    },
+    /// A copy of another disk.
+    Disk {
+        /// The disk's id.
+        disk: Uuid,
+    },
+    /// A byte stream.
+    Import,
+}
+
+/// What an image is for.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageKind {
+    /// A guest kernel.
+    Kernel,
+    /// An initrd.
+    Initrd,
+    /// A base disk image that disks are made from.
+    Disk,
+}
+
+impl ImageKind {
+    /// Every kind.
+    pub const ALL: [ImageKind; 3] = [Self::Kernel, Self::Initrd, Self::Disk];
+
+    /// The kind's name (`kernel`, `initrd`, `disk`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Initrd => "initrd",
+            Self::Disk => "disk",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An image's definition (kept in `<state>/images/<id>.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Image {
+    /// UUID.
+    pub id: Uuid,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// What it is for.
+    pub kind: ImageKind,
+    /// The file (absent for the built-in probe guest).
+    pub path: Option<PathBuf>,
+    /// For disk images, how the file stores the disk.
+    #[serde(with = "format_name::optional")]
+    pub format: Option<Format>,
+    /// For disk images the virtual size, else the file's size.
+    pub size: u64,
+    /// Uploaded into the state directory (deleted with the image) or registered in place.
+    pub uploaded: bool,
+    /// Built into kiln; cannot be deleted.
+    #[serde(default)]
+    pub builtin: bool,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// The name of the image that is always there: the probe guest built into kiln.
+pub const PROBE_IMAGE: &str = "kiln-probe";
+
+/// The id of the built-in probe image (fixed, so that it is the same on every host).
+pub const PROBE_IMAGE_ID: Uuid = Uuid::from_u128(0x6b696c6e_7072_6f62_6500_000000000001);
+
+/// Now, as RFC 3339 with milliseconds (definitions load in this order).
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Checks a name: 1–63 of `[a-z0-9-]`, starting with a letter.
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = (1..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -318,21 +236,104 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Now, as RFC 3339 with milliseconds (definitions load in this order).
-pub fn now() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+/// A MAC address stored as its text (`02:00:00:00:00:01`).
+mod mac_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use vmm::MacAddr;
+
+    pub fn serialize<S: Serializer>(mac: &MacAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(mac)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<MacAddr, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A disk format stored as its name (`raw`, `qcow2`).
+mod format_name {
+    use images::Format;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(f: &Format, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(f.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Format, D::Error> {
+        let name = String::deserialize(d)?;
+        Format::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown disk format {name:?}")))
+    }
+
+    /// The same for an optional format.
+    pub mod optional {
+        use images::Format;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(f: &Option<Format>, s: S) -> Result<S::Ok, S::Error> {
+            match f {
+                Some(f) => super::serialize(f, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|name| {
+                    Format::from_name(&name).ok_or_else(|| {
+                        serde::de::Error::custom(format!("unknown disk format {name:?}"))
+                    })
+                })
+                .transpose()
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::InstanceState::*;
+    use super::*;
 
     #[test]
-    fn state_names_are_the_serialised_ones() {
-        for s in [
-            Stopped, Starting, Running, Paused, Stopping, Rebooting, Failed,
-        ] {
-            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+    fn definitions_round_trip_with_typed_values() {
+        let nic = Nic {
+            name: "eth0".into(),
+            host_tap: "tap0".into(),
+            mac: "02:00:00:00:00:2a".parse().unwrap(),
+        };
+        let v = serde_json::to_value(&nic).unwrap();
+        assert_eq!(v["mac"], "02:00:00:00:00:2a");
+        assert_eq!(serde_json::from_value::<Nic>(v).unwrap(), nic);
+        let bad = serde_json::json!({"name": "eth0", "host_tap": "t", "mac": "01:00:00:00:00:00"});
+        assert!(
+            serde_json::from_value::<Nic>(bad).is_err(),
+            "a bad stored MAC is refused"
+        );
+
+        let img = Image {
+            id: Uuid::nil(),
+            name: "base".into(),
+            description: String::new(),
+            kind: ImageKind::Disk,
+            path: Some("/x".into()),
+            format: Some(Format::Qcow2),
+            size: 1,
+            uploaded: false,
+            builtin: false,
+            created_at: now(),
+        };
+        let v = serde_json::to_value(&img).unwrap();
+        assert_eq!(v["format"], "qcow2");
+        assert_eq!(v["kind"], "disk");
+        assert_eq!(serde_json::from_value::<Image>(v).unwrap(), img);
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("web-1").is_ok());
+        for bad in ["", "1web", "Web", "a/b", "a b", &"a".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -1,4 +1,11 @@
-//! The state directory: one JSON file per definition, written atomically.
+//! The state directory: one store for every definition, one JSON file per definition written
+//! atomically, and the files disks and uploaded images keep their bytes in.
+//!
+//! ```text
+//! <state>/instances/<id>.json
+//! <state>/disks/<id>.json  <state>/disks/<id>.raw|qcow2
+//! <state>/images/<id>.json <state>/images/<id>.img (uploaded images)
+//! ```
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -7,48 +14,110 @@ use std::path::{Path, PathBuf};
 use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 
-/// A directory of `<id>.json` files.
-pub struct Store {
-    dir: PathBuf,
+use crate::model::{DiskDef, Image, InstanceDef};
+
+/// A definition the store keeps: which directory it lives in and its id.
+pub(crate) trait Record: Serialize + DeserializeOwned {
+    /// The directory under the state directory.
+    const DIR: &'static str;
+    /// The file name's stem.
+    fn id(&self) -> Uuid;
+}
+
+impl Record for InstanceDef {
+    const DIR: &'static str = "instances";
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+
+impl Record for DiskDef {
+    const DIR: &'static str = "disks";
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+
+impl Record for Image {
+    const DIR: &'static str = "images";
+    fn id(&self) -> Uuid {
+        self.id
+    }
+}
+
+/// The state directory.
+pub(crate) struct Store {
+    /// The state directory, resolved.
+    root: PathBuf,
 }
 
 impl Store {
-    /// Opens (creating) `dir`.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+    /// Opens (creating) the state directory and its subdirectories, and removes what a killed
+    /// `kiln serve` may have left half-made: import spools (`.NAME.RANDOM.import`) and
+    /// definitions being written (`.ID.json.tmp`).
+    pub fn open(state_dir: &Path) -> std::io::Result<Self> {
+        for dir in [InstanceDef::DIR, DiskDef::DIR, Image::DIR] {
+            fs::create_dir_all(state_dir.join(dir))?;
+        }
+        let store = Self {
+            root: state_dir.canonicalize()?,
+        };
+        for dir in [InstanceDef::DIR, DiskDef::DIR, Image::DIR] {
+            sweep_leftovers(&store.root.join(dir));
+        }
+        Ok(store)
     }
 
-    fn path(&self, id: Uuid) -> PathBuf {
-        self.dir.join(format!("{id}.json"))
+    /// `<state>/disks`: disk files and their definitions.
+    pub fn disks_dir(&self) -> PathBuf {
+        self.root.join(DiskDef::DIR)
+    }
+
+    /// `<state>/images`: uploaded images and every image definition.
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join(Image::DIR)
+    }
+
+    /// The file of a disk.
+    pub fn disk_file(&self, def: &DiskDef) -> PathBuf {
+        self.disks_dir().join(format!("{}.{}", def.id, def.format))
+    }
+
+    /// The file of an uploaded image.
+    pub fn upload_file(&self, id: Uuid) -> PathBuf {
+        self.images_dir().join(format!("{id}.img"))
+    }
+
+    fn file<T: Record>(&self, id: Uuid) -> PathBuf {
+        self.root.join(T::DIR).join(format!("{id}.json"))
     }
 
     /// Writes `value` as `<id>.json`: temporary file, fsync, rename, fsync of the directory,
     /// so that a crash leaves the old or the new definition, never a torn one.
-    pub fn save<T: Serialize>(&self, id: Uuid, value: &T) -> std::io::Result<()> {
-        let tmp = self.dir.join(format!(".{id}.json.tmp"));
+    pub fn save<T: Record>(&self, value: &T) -> std::io::Result<()> {
+        let dir = self.root.join(T::DIR);
+        let tmp = dir.join(format!(".{}.json.tmp", value.id()));
         let mut f = File::create(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(value)?)?;
         f.sync_all()?;
-        fs::rename(&tmp, self.path(id))?;
-        File::open(&self.dir)?.sync_all()
+        fs::rename(&tmp, self.file::<T>(value.id()))?;
+        File::open(&dir)?.sync_all()
     }
 
     /// Removes `<id>.json`.
-    pub fn remove(&self, id: Uuid) -> std::io::Result<()> {
-        match fs::remove_file(self.path(id)) {
+    pub fn remove<T: Record>(&self, id: Uuid) -> std::io::Result<()> {
+        match fs::remove_file(self.file::<T>(id)) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             r => r?,
         }
-        File::open(&self.dir)?.sync_all()
+        File::open(self.root.join(T::DIR))?.sync_all()
     }
 
-    /// Every definition; files that do not parse are skipped with a warning.
-    pub fn load_all<T: DeserializeOwned>(&self) -> std::io::Result<Vec<T>> {
+    /// Every definition of a kind, oldest first (by `created_at`, which sorts as RFC 3339);
+    /// files that do not parse are skipped with a warning.
+    pub fn load_all<T: Record>(&self, created_at: impl Fn(&T) -> &str) -> std::io::Result<Vec<T>> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
+        for entry in fs::read_dir(self.root.join(T::DIR))? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "json") {
                 match fs::read(&path).map(|b| serde_json::from_slice(&b)) {
@@ -58,6 +127,88 @@ impl Store {
                 }
             }
         }
+        out.sort_by(|a, b| created_at(a).cmp(created_at(b)));
         Ok(out)
+    }
+}
+
+fn sweep_leftovers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.ends_with(".import") || name.ends_with(".json.tmp")) {
+            tracing::info!("removing the leftover {}", e.path().display());
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes a file on drop unless kept: nothing half-made is left behind.
+pub(crate) struct FileGuard(Option<PathBuf>);
+
+impl FileGuard {
+    /// Guards `path`.
+    pub fn new(path: PathBuf) -> Self {
+        Self(Some(path))
+    }
+
+    /// The file stays.
+    pub fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FileGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ImageKind;
+
+    fn image(name: &str, created_at: &str) -> Image {
+        Image {
+            id: Uuid::new_v4(),
+            name: name.into(),
+            description: String::new(),
+            kind: ImageKind::Kernel,
+            path: None,
+            format: None,
+            size: 1,
+            uploaded: false,
+            builtin: false,
+            created_at: created_at.into(),
+        }
+    }
+
+    #[test]
+    fn saves_loads_in_order_and_sweeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (
+            image("a", "2026-01-01T00:00:00.001Z"),
+            image("b", "2026-01-01T00:00:00.002Z"),
+        );
+        store.save(&b).unwrap();
+        store.save(&a).unwrap();
+        std::fs::write(store.images_dir().join("junk.json"), b"{").unwrap();
+        let loaded: Vec<Image> = store.load_all(|i: &Image| &i.created_at).unwrap();
+        let names: Vec<_> = loaded.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "oldest first; the torn file skipped");
+        store.remove::<Image>(a.id).unwrap();
+        store.remove::<Image>(a.id).unwrap();
+        assert_eq!(store.load_all(|i: &Image| &i.created_at).unwrap(), vec![b]);
+
+        let leftover = store.disks_dir().join(".x.1234.import");
+        std::fs::write(&leftover, b"half").unwrap();
+        Store::open(dir.path()).unwrap();
+        assert!(!leftover.exists());
     }
 }

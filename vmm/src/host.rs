@@ -98,5 +98,5 @@ pub fn has_hardware_virtualization() -> bool {
 
 fn host_memory() -> u64 {
     let info = rustix::system::sysinfo();
-    u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit))
+    info.totalram.saturating_mul(u64::from(info.mem_unit))
 }
