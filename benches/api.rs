@@ -1,5 +1,5 @@
 //! API benchmark: a real `kiln serve` (the built binary) on a temporary state directory, driven
-//! over its Unix socket by a tokio + hyper client.
+//! over its Unix socket by the client crate (kept-alive HTTP/1 connections).
 //!
 //!     cargo bench --bench api -- [--requests N] [--runs N] [--vms N]
 //!
@@ -20,47 +20,32 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use client::{Bytes, Client, Method};
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
 use common::{arg, Serve, BANNER};
 
-/// One kept-alive HTTP/1 connection.
+/// A client whose HTTP/1 connection is kept alive between requests.
 struct Conn {
-    tx: SendRequest<Full<Bytes>>,
+    client: Client,
 }
 
 impl Conn {
     async fn open(socket: &Path) -> Conn {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .expect("connect");
-        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
-        Conn { tx }
+        let client = Client::unix(socket);
+        // The connection is made now, not in the first timed request.
+        client.server_info().await.expect("connect");
+        Conn { client }
     }
 
     async fn call(&mut self, method: Method, path: &str, body: Option<&Value>) -> (u16, Bytes) {
-        self.tx.ready().await.expect("connection ready");
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "kiln")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        let resp = self.tx.send_request(req).await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-        (status, bytes)
+        let mut req = self.client.request(method, path);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let reply = req.send().await.expect("request");
+        (reply.status.as_u16(), reply.body)
     }
 
     async fn json(&mut self, method: Method, path: &str, body: Option<&Value>) -> Value {
@@ -151,11 +136,10 @@ async fn start_to_banner(socket: &Path, c: &mut Conn, runs: usize) -> Vec<Durati
         Some(&probe_instance("boot", "hlt", false)),
     )
     .await;
-    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
-    let (mut ws, _) =
-        tokio_tungstenite::client_async("ws://kiln/v1/instances/boot/console/stream", stream)
-            .await
-            .expect("console websocket");
+    let mut ws = Client::unix(socket)
+        .instance_console_stream("boot")
+        .await
+        .expect("console websocket");
     let mut out = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();

@@ -25,19 +25,11 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::pin::Pin;
 use std::process::{Command, Stdio};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::{Frame, SizeHint};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 
 use common::{
     arg, bench_run, has, mbps, probe_elf, qemu_microvm, strings, BenchResult, Microvm, Serve,
@@ -303,123 +295,65 @@ fn blk(with_qemu: bool, count: u64) {
 // ---------------------------------------------------------------------------------------
 // (b) import and export through kiln serve
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A request body fed by a thread reading the file in 1 MiB chunks.
-struct FileBody {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
-    left: u64,
-}
-
-impl hyper::body::Body for FileBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(b))) => {
-                self.left = self.left.saturating_sub(b.len() as u64);
-                Poll::Ready(Some(Ok(Frame::data(b))))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.left)
-    }
-}
-
-fn empty() -> http_body_util::combinators::BoxBody<Bytes, BoxError> {
-    Empty::<Bytes>::new()
-        .map_err(|e: std::convert::Infallible| -> BoxError { match e {} })
-        .boxed()
-}
-
-// The disk calls of this bench, on the shared `kiln serve` child.
+// The disk calls of this bench, on the shared `kiln serve` child, through the client crate.
 impl Serve {
-    async fn send(
-        &self,
-        req: Request<http_body_util::combinators::BoxBody<Bytes, BoxError>>,
-    ) -> hyper::Response<hyper::body::Incoming> {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    fn client(&self) -> client::Client {
+        client::Client::unix(&self.socket)
+    }
+
+    /// Streams `file` as the import body (1 MiB frames read by a thread, as `kiln disk
+    /// import` does); returns the status and the answer.
+    async fn import(&self, name: &str, format: &str, file: &Path) -> (u16, String) {
+        let f = File::open(file).unwrap();
+        let len = f.metadata().unwrap().len();
+        let reply = self
+            .client()
+            .request(
+                client::Method::POST,
+                format!("/v1/disks/import?name={name}&format={format}"),
+            )
+            .header("content-length", &len.to_string())
+            .body(
+                "application/octet-stream",
+                client::body::file(f, len, |_| {}),
+            )
+            .send()
             .await
             .unwrap();
-        tokio::spawn(conn);
-        tx.send_request(req).await.unwrap()
-    }
-
-    /// Streams `file` as the import body; returns the status and the answer.
-    async fn import(&self, name: &str, format: &str, file: &Path) -> (u16, String) {
-        let mut f = File::open(file).unwrap();
-        let len = f.metadata().unwrap().len();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        std::thread::spawn(move || loop {
-            let mut buf = vec![0u8; 1 << 20];
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    buf.truncate(n);
-                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    break;
-                }
-            }
-        });
-        let req = Request::post(format!("/v1/disks/import?name={name}&format={format}"))
-            .header("host", "kiln")
-            .header("content-type", "application/octet-stream")
-            .header("content-length", len)
-            .body(FileBody { rx, left: len }.boxed())
-            .unwrap();
-        let resp = self.send(req).await;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
+        (reply.status.as_u16(), reply.text())
     }
 
     /// Streams the export into `out` (all-zero frames become holes); returns the status
     /// and the bytes received.
     async fn export(&self, name: &str, format: &str, out: &Path) -> (u16, u64) {
-        let req = Request::get(format!("/v1/disks/{name}/export?format={format}"))
-            .header("host", "kiln")
-            .body(empty())
-            .unwrap();
-        let resp = self.send(req).await;
-        let status = resp.status().as_u16();
+        let mut body = self
+            .client()
+            .request(
+                client::Method::GET,
+                format!("/v1/disks/{name}/export?format={format}"),
+            )
+            .stream()
+            .await
+            .unwrap_or_else(|e| panic!("export of {name}: {e}"));
+        let status = body.status.as_u16();
         let file = File::create(out).unwrap();
-        let mut body = resp.into_body();
         let mut pos = 0u64;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.expect("export stream");
-            if let Ok(data) = frame.into_data() {
-                if data.iter().any(|&b| b != 0) {
-                    file.write_all_at(&data, pos).unwrap();
-                }
-                pos += data.len() as u64;
+        while let Some(data) = body.chunk().await {
+            let data = data.expect("export stream");
+            if data.iter().any(|&b| b != 0) {
+                file.write_all_at(&data, pos).unwrap();
             }
+            pos += data.len() as u64;
         }
         file.set_len(pos).unwrap();
         (status, pos)
     }
 
     async fn delete(&self, name: &str) {
-        let req = Request::delete(format!("/v1/disks/{name}"))
-            .header("host", "kiln")
-            .body(empty())
-            .unwrap();
-        let st = self.send(req).await.status();
-        assert_eq!(st.as_u16(), 204, "delete {name}");
+        self.client()
+            .disk_delete(name)
+            .await
+            .unwrap_or_else(|e| panic!("delete {name}: {e}"));
     }
 }
 

@@ -4,13 +4,12 @@ use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
 use clap::Args;
+use client::wire::InstanceState;
+use client::Message;
 use futures_util::{SinkExt, StreamExt};
-use hyper::Method;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{self, Message};
 
-use crate::client::{api_error, path_escape, Endpoint};
+use crate::endpoint::{Endpoint, Failed};
 
 /// The detach key: Ctrl-] (GS), as telnet and virsh.
 const DETACH: u8 = 0x1d;
@@ -73,7 +72,7 @@ impl Drop for RawMode {
 
 /// Runs `kiln console`; returns the exit status.
 pub fn console(ep: Endpoint, args: ConsoleArgs) -> i32 {
-    let rt = match crate::client::runtime() {
+    let rt = match crate::endpoint::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kiln: {e}");
@@ -83,7 +82,7 @@ pub fn console(ep: Endpoint, args: ConsoleArgs) -> i32 {
     let code = match rt.block_on(run(&ep, &args)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kiln: {e}");
+            eprintln!("kiln: {}", ep.explain(e));
             1
         }
     };
@@ -93,37 +92,30 @@ pub fn console(ep: Endpoint, args: ConsoleArgs) -> i32 {
 }
 
 /// States in which the guest has a serial port to talk to.
-fn live(state: &str) -> bool {
-    matches!(state, "running" | "paused" | "starting" | "rebooting")
+fn live(state: InstanceState) -> bool {
+    control_state(state).has_vm()
 }
 
-async fn state_of(ep: &Endpoint, path: &str) -> Result<String, String> {
-    let v = ep.call(Method::GET, path, None).await?;
-    Ok(v["state"].as_str().unwrap_or("unknown").to_string())
+/// The control plane's state of a wire state (its rules say which have a VM).
+fn control_state(state: InstanceState) -> control::InstanceState {
+    state.into()
 }
 
-async fn run(ep: &Endpoint, args: &ConsoleArgs) -> Result<i32, String> {
+async fn state_of(c: &client::Client, name: &str) -> Result<InstanceState, client::Error> {
+    Ok(c.instance_get(name).await?.value.state)
+}
+
+async fn run(ep: &Endpoint, args: &ConsoleArgs) -> Result<i32, Failed> {
     let name = &args.name;
-    let inst_path = format!("/v1/instances/{}", path_escape(name));
-    let state = state_of(ep, &inst_path).await?;
-    if !live(&state) {
-        return Err(format!("instance {name} is {state}; start it first"));
+    let c = ep.client()?;
+    let state = state_of(&c, name).await?;
+    if !live(state) {
+        let state = control_state(state);
+        return Err(Failed::Usage(format!(
+            "instance {name} is {state}; start it first"
+        )));
     }
-
-    let stream = ep.connect().await?;
-    let mut req = format!("ws://kiln{inst_path}/console/stream")
-        .into_client_request()
-        .map_err(|e| format!("console request: {e}"))?;
-    if let Some(auth) = ep.authorization()? {
-        req.headers_mut().insert(
-            "authorization",
-            auth.parse()
-                .map_err(|_| "the token is not a valid header value")?,
-        );
-    }
-    let (ws, _) = tokio_tungstenite::client_async(req, stream)
-        .await
-        .map_err(ws_error)?;
+    let ws = c.instance_console_stream(name).await?;
     let (mut ws_tx, mut ws_rx) = ws.split();
 
     let interactive = std::io::stdin().is_terminal();
@@ -156,17 +148,17 @@ async fn run(ep: &Endpoint, args: &ConsoleArgs) -> Result<i32, String> {
     // The instance's state, checked in the background: the websocket stays open when the
     // guest stops, so the client watches for that itself.
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<String>();
-    let (ep2, path2) = (ep.clone(), inst_path.clone());
+    let (c2, name2) = (c.clone(), name.clone());
     let watcher = tokio::spawn(async move {
         loop {
             tokio::time::sleep(STATE_POLL).await;
-            match state_of(&ep2, &path2).await {
-                Ok(s) if live(&s) => {}
+            match state_of(&c2, &name2).await {
+                Ok(s) if live(s) => {}
                 Ok(s) => {
-                    let _ = stop_tx.send(s);
+                    let _ = stop_tx.send(control_state(s).to_string());
                     return;
                 }
-                Err(e) if e.contains("(not_found)") => {
+                Err(e) if e.code() == Some(api::ErrorCode::NotFound) => {
                     let _ = stop_tx.send("deleted".into());
                     return;
                 }
@@ -286,22 +278,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, String> {
-    tokio::signal::unix::signal(kind).map_err(|e| format!("signal handler: {e}"))
-}
-
-/// A failed websocket handshake: the API's error when the server answered one.
-fn ws_error(e: tungstenite::Error) -> String {
-    match e {
-        tungstenite::Error::Http(resp) => {
-            let status = resp.status();
-            let body = resp
-                .body()
-                .as_deref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or(serde_json::Value::Null);
-            api_error(status, &body)
-        }
-        other => format!("console connection: {other}"),
-    }
+fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, Failed> {
+    tokio::signal::unix::signal(kind).map_err(|e| Failed::Usage(format!("signal handler: {e}")))
 }

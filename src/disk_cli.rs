@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 
 use clap::{Subcommand, ValueEnum};
-use hyper::Method;
-use serde_json::{json, Value};
+use client::wire::{
+    AttachRequest, DiskCreate, DiskFormat, DiskPatch, DiskSourceSpec, ImageCreate, ImageKind,
+};
 
-use crate::client::{path_escape, print_json, query_escape, run_command, size_value, Endpoint};
+use crate::endpoint::{size, Endpoint, Failed};
 use crate::table;
 use crate::transfer::{download, upload, Source};
 
@@ -17,11 +18,11 @@ pub enum Format {
     Qcow2,
 }
 
-impl Format {
-    fn as_str(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
+impl From<Format> for DiskFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Raw => DiskFormat::Raw,
+            Format::Qcow2 => DiskFormat::Qcow2,
         }
     }
 }
@@ -34,12 +35,12 @@ pub enum Kind {
     Disk,
 }
 
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Kind::Kernel => "kernel",
-            Kind::Initrd => "initrd",
-            Kind::Disk => "disk",
+impl From<Kind> for ImageKind {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::Kernel => ImageKind::Kernel,
+            Kind::Initrd => ImageKind::Initrd,
+            Kind::Disk => ImageKind::Disk,
         }
     }
 }
@@ -163,88 +164,61 @@ pub enum ImageCommand {
     },
 }
 
-fn disk_path(name: &str) -> String {
-    format!("/v1/disks/{}", path_escape(name))
-}
-
-/// Prints a disk (or a list) as a table or JSON.
-fn show(ep: &Endpoint, v: &Value, table: fn(&[Value])) {
-    if ep.json {
-        if !v.is_null() {
-            print_json(v);
-        }
-    } else if let Some(list) = v.as_array() {
-        table(list);
-    } else if v.is_object() && v.get("name").is_some() {
-        table(std::slice::from_ref(v));
-    }
-}
-
 /// Runs `kiln disk …`; returns the exit status.
 pub fn disk(ep: Endpoint, cmd: DiskCommand) -> i32 {
-    run_command(disk_async(ep, cmd))
+    ep.run(|ep, c| async move { disk_command(&ep, &c, cmd).await })
 }
 
-async fn disk_async(ep: Endpoint, cmd: DiskCommand) -> Result<(), String> {
+async fn disk_command(ep: &Endpoint, c: &client::Client, cmd: DiskCommand) -> Result<(), Failed> {
     match cmd {
         DiskCommand::Create {
             name,
-            size,
+            size: s,
             format,
             from_image,
             from_disk,
         } => {
             let source = match (from_image, from_disk) {
-                (Some(image), _) => json!({"type": "image", "image": image}),
-                (None, Some(disk)) => json!({"type": "disk", "disk": disk}),
-                (None, None) => json!({"type": "blank"}),
+                (Some(image), _) => DiskSourceSpec::Image { image },
+                (None, Some(disk)) => DiskSourceSpec::Disk { disk },
+                (None, None) => DiskSourceSpec::Blank,
             };
-            let mut body = json!({"name": name, "source": source});
-            if let Some(s) = size {
-                body["size"] = size_value(&s);
-            }
-            if let Some(f) = format {
-                body["format"] = json!(f.as_str());
-            }
-            let v = ep.call(Method::POST, "/v1/disks", Some(body)).await?;
-            show(&ep, &v, table::disks);
+            let spec = DiskCreate {
+                name,
+                description: String::new(),
+                size: s.map(|s| size("--size", &s)).transpose()?,
+                block_size: None,
+                format: format.map(Into::into),
+                source,
+            };
+            ep.show(&c.disk_create(&spec).await?.value, table::disks);
         }
-        DiskCommand::List => {
-            let list = ep.list("/v1/disks").await?;
-            show(&ep, &Value::Array(list), table::disks);
-        }
-        DiskCommand::Show { name } => {
-            let v = ep.call(Method::GET, &disk_path(&name), None).await?;
-            show(&ep, &v, table::disks);
-        }
-        DiskCommand::Delete { name } => {
-            ep.call(Method::DELETE, &disk_path(&name), None).await?;
-        }
+        DiskCommand::List => ep.show(&c.disk_list().await?, table::disks),
+        DiskCommand::Show { name } => ep.show(&c.disk_get(&name).await?.value, table::disks),
+        DiskCommand::Delete { name } => c.disk_delete(&name).await?,
         DiskCommand::Attach {
             instance,
             disk,
             read_only,
         } => {
-            let path = format!("/v1/instances/{}/disks", path_escape(&instance));
-            let body = json!({"disk": disk, "read_only": read_only});
-            let v = ep.call(Method::POST, &path, Some(body)).await?;
-            attach_answer(&ep, &v);
+            let inst = c
+                .instance_disk_attach(&instance, &AttachRequest { disk, read_only })
+                .await?;
+            ep.show(&inst.value, table::instances);
         }
         DiskCommand::Detach { instance, disk } => {
-            let path = format!(
-                "/v1/instances/{}/disks/{}",
-                path_escape(&instance),
-                path_escape(&disk)
-            );
-            let v = ep.call(Method::DELETE, &path, None).await?;
-            attach_answer(&ep, &v);
+            let inst = c.instance_disk_detach(&instance, &disk).await?;
+            ep.show(&inst.value, table::instances);
         }
-        DiskCommand::Grow { name, size } => {
-            let body = json!({"size": size_value(&size)});
-            let v = ep
-                .call(Method::PATCH, &disk_path(&name), Some(body))
-                .await?;
-            show(&ep, &v, table::disks);
+        DiskCommand::Grow { name, size: s } => {
+            let patch = DiskPatch {
+                size: Some(size("size", &s)?),
+                ..Default::default()
+            };
+            ep.show(
+                &c.disk_update(&name, &patch, None).await?.value,
+                table::disks,
+            );
         }
         DiskCommand::Import { file, name, format } => {
             let mut src = Source::open(&file)?;
@@ -255,40 +229,25 @@ async fn disk_async(ep: Endpoint, cmd: DiskCommand) -> Result<(), String> {
                     Format::Raw
                 }
             });
-            let path = format!(
-                "/v1/disks/import?name={}&format={}",
-                query_escape(&name),
-                format.as_str()
-            );
-            let v = upload(&ep, &path, src).await?;
-            show(&ep, &v, table::disks);
+            let d = upload(src, |body, len| {
+                c.disk_import(&name, Some(format.into()), body, Some(len))
+            })
+            .await?;
+            ep.show(&d.value, table::disks);
         }
         DiskCommand::Export { name, file, format } => {
-            let path = format!("{}/export?format={}", disk_path(&name), format.as_str());
-            download(&ep, &path, &file).await?;
+            download(c.disk_export(&name, Some(format.into())).await?, &file).await?;
         }
     }
     Ok(())
 }
 
-/// Attach and detach answer with the instance (or the attachment, or nothing).
-fn attach_answer(ep: &Endpoint, v: &Value) {
-    if ep.json {
-        if !v.is_null() {
-            print_json(v);
-        }
-    } else if v.get("vcpus").is_some() {
-        table::instances(std::slice::from_ref(v));
-    }
-}
-
 /// Runs `kiln image …`; returns the exit status.
 pub fn image(ep: Endpoint, cmd: ImageCommand) -> i32 {
-    run_command(image_async(ep, cmd))
+    ep.run(|ep, c| async move { image_command(&ep, &c, cmd).await })
 }
 
-async fn image_async(ep: Endpoint, cmd: ImageCommand) -> Result<(), String> {
-    let image_path = |name: &str| format!("/v1/images/{}", path_escape(name));
+async fn image_command(ep: &Endpoint, c: &client::Client, cmd: ImageCommand) -> Result<(), Failed> {
     match cmd {
         ImageCommand::Add {
             name,
@@ -296,38 +255,33 @@ async fn image_async(ep: Endpoint, cmd: ImageCommand) -> Result<(), String> {
             path,
             upload: file,
         } => {
-            let v = match (path, file) {
+            let img = match (path, file) {
                 (_, Some(file)) => {
                     let src = Source::open(&file)?;
-                    let path = format!(
-                        "/v1/images/upload?name={}&kind={}",
-                        query_escape(&name),
-                        kind.as_str()
-                    );
-                    upload(&ep, &path, src).await?
+                    upload(src, |body, len| {
+                        c.image_upload(&name, kind.into(), body, Some(len))
+                    })
+                    .await?
                 }
                 (Some(path), None) => {
                     // The server resolves paths on its own host: send an absolute one.
                     let path = std::path::absolute(&path)
                         .map_err(|e| format!("--path {}: {e}", path.display()))?;
-                    let body = json!({"name": name, "kind": kind.as_str(), "path": path});
-                    ep.call(Method::POST, "/v1/images", Some(body)).await?
+                    let spec = ImageCreate {
+                        name,
+                        kind: kind.into(),
+                        path: path.display().to_string(),
+                        description: String::new(),
+                    };
+                    c.image_create(&spec).await?
                 }
-                (None, None) => return Err("give --path or --upload".into()),
+                (None, None) => return Err(Failed::Usage("give --path or --upload".into())),
             };
-            show(&ep, &v, table::images);
+            ep.show(&img, table::images);
         }
-        ImageCommand::List => {
-            let list = ep.list("/v1/images").await?;
-            show(&ep, &Value::Array(list), table::images);
-        }
-        ImageCommand::Show { name } => {
-            let v = ep.call(Method::GET, &image_path(&name), None).await?;
-            show(&ep, &v, table::images);
-        }
-        ImageCommand::Delete { name } => {
-            ep.call(Method::DELETE, &image_path(&name), None).await?;
-        }
+        ImageCommand::List => ep.show(&c.image_list().await?, table::images),
+        ImageCommand::Show { name } => ep.show(&c.image_get(&name).await?, table::images),
+        ImageCommand::Delete { name } => c.image_delete(&name).await?,
     }
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! `kiln`: the Kiln virtual machine monitor.
 
-mod client;
 mod console;
 mod disk_cli;
+mod endpoint;
+mod instance_cli;
 mod run;
 mod serve;
 mod table;
@@ -30,9 +31,9 @@ enum Command {
     /// Manage instances through a running `kiln serve`.
     Instance {
         #[command(subcommand)]
-        command: client::InstanceCommand,
+        command: instance_cli::InstanceCommand,
         #[command(flatten)]
-        endpoint: client::Endpoint,
+        endpoint: endpoint::Endpoint,
     },
     /// Attach to the serial console of a running instance (detach with Ctrl-]).
     ///
@@ -47,21 +48,21 @@ enum Command {
         #[command(flatten)]
         args: console::ConsoleArgs,
         #[command(flatten)]
-        endpoint: client::Endpoint,
+        endpoint: endpoint::Endpoint,
     },
     /// Manage disks through a running `kiln serve`.
     Disk {
         #[command(subcommand)]
         command: disk_cli::DiskCommand,
         #[command(flatten)]
-        endpoint: client::Endpoint,
+        endpoint: endpoint::Endpoint,
     },
     /// Manage kernels, initrds and base disk images through a running `kiln serve`.
     Image {
         #[command(subcommand)]
         command: disk_cli::ImageCommand,
         #[command(flatten)]
-        endpoint: client::Endpoint,
+        endpoint: endpoint::Endpoint,
     },
 }
 
@@ -71,7 +72,7 @@ fn main() {
     let code = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Serve(args) => serve::serve(args),
-        Command::Instance { command, endpoint } => client::instance(endpoint, command),
+        Command::Instance { command, endpoint } => instance_cli::instance(endpoint, command),
         Command::Console { args, endpoint } => console::console(endpoint, args),
         Command::Disk { command, endpoint } => disk_cli::disk(endpoint, command),
         Command::Image { command, endpoint } => disk_cli::image(endpoint, command),

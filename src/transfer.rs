@@ -1,24 +1,15 @@
-//! Streaming a file to the server (disk import, image upload) and a disk from it (export),
-//! with a progress bar on stderr when stderr is a terminal. Files are never held in memory:
-//! they move in chunks of [`CHUNK`] bytes.
+//! Files to the server (disk import, image upload) and a disk from it (export), with a
+//! progress bar on stderr when stderr is a terminal. Files are never held in memory: the
+//! client crate streams them in chunks ([`client::body::file`]).
 
 use std::fs::File;
+use std::future::Future;
 use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::{Frame, SizeHint};
-use hyper::Method;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::Value;
 
-use crate::client::{api_error, read_json, Body, BoxError, Endpoint};
-
-/// Bytes read from the file per request body frame.
-const CHUNK: usize = 1 << 20;
+use crate::endpoint::Failed;
 
 /// A progress bar of bytes on stderr, hidden when stderr is not a terminal.
 fn progress(total: Option<u64>, what: &str) -> ProgressBar {
@@ -67,38 +58,6 @@ fn done(pb: &ProgressBar, what: &str, bytes: u64) {
     );
 }
 
-/// A request body fed by a thread that reads the file; counts what hyper takes on the bar.
-struct FileBody {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
-    left: u64,
-    pb: ProgressBar,
-}
-
-impl hyper::body::Body for FileBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(b))) => {
-                self.left = self.left.saturating_sub(b.len() as u64);
-                self.pb.inc(b.len() as u64);
-                Poll::Ready(Some(Ok(Frame::data(b))))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.left)
-    }
-}
-
 /// An opened source file and its length (block devices included).
 pub struct Source {
     file: File,
@@ -133,10 +92,17 @@ impl Source {
     }
 }
 
-/// `POST path` with the file as the body, streamed; returns the server's JSON answer.
-pub async fn upload(ep: &Endpoint, path: &str, src: Source) -> Result<Value, String> {
+/// Sends the file with `call` (which gets the body, streamed, and its length); the bar counts
+/// what the request takes. Returns the call's answer.
+pub async fn upload<T, Fut>(
+    src: Source,
+    call: impl FnOnce(client::body::Body, u64) -> Fut,
+) -> Result<T, Failed>
+where
+    Fut: Future<Output = Result<T, client::Error>>,
+{
     let Source {
-        mut file,
+        file,
         len,
         path: file_path,
     } = src;
@@ -145,50 +111,14 @@ pub async fn upload(ep: &Endpoint, path: &str, src: Source) -> Result<Value, Str
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let pb = progress(Some(len), &format!("uploading {name}"));
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    std::thread::spawn(move || loop {
-        let mut buf = vec![0u8; CHUNK];
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.truncate(n);
-                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                let _ = tx.blocking_send(Err(e));
-                break;
-            }
-        }
-    });
-    let body = FileBody {
-        rx,
-        left: len,
-        pb: pb.clone(),
-    };
-    let req = ep
-        .builder(Method::POST, path)?
-        .header("content-type", "application/octet-stream")
-        .header("content-length", len)
-        .body(Body::new(body))
-        .map_err(|e| e.to_string())?;
-    let result = async {
-        let resp = ep.send(req).await?;
-        let (status, v) = read_json(resp).await?;
-        if status.is_success() {
-            Ok(v)
-        } else {
-            Err(api_error(status, &v))
-        }
-    }
-    .await;
+    let counted = pb.clone();
+    let body = client::body::file(file, len, move |n| counted.inc(n));
+    let result = call(body, len).await;
     match &result {
         Ok(_) => done(&pb, &format!("uploaded {name}"), len),
         Err(_) => pb.finish_and_clear(),
     }
-    result
+    Ok(result?)
 }
 
 /// Where an export goes: stdout, a file written in place (devices, FIFOs), or a new file
@@ -295,39 +225,23 @@ impl Drop for Sink {
     }
 }
 
-/// `GET path` streamed into `dest` (`-`: stdout); returns the bytes written.
-pub async fn download(ep: &Endpoint, path: &str, dest: &Path) -> Result<u64, String> {
-    let req = ep
-        .builder(Method::GET, path)?
-        .body(Body::new(Empty::new().map_err(|never| match never {})))
-        .map_err(|e| e.to_string())?;
-    let resp = ep.send(req).await?;
-    if !resp.status().is_success() {
-        let (status, v) = read_json(resp).await?;
-        return Err(api_error(status, &v));
-    }
-    let total = resp
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+/// An export's body streamed into `dest` (`-`: stdout); returns the bytes written.
+pub async fn download(mut body: client::Streamed, dest: &Path) -> Result<u64, Failed> {
+    let total = body.content_length();
     let mut sink = Sink::open(dest)?;
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "-".into());
     let pb = progress(total, &format!("downloading {name}"));
-    let mut body = resp.into_body();
     let mut written = 0u64;
     let result = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("the download broke off: {e}"))?;
-            if let Ok(data) = frame.into_data() {
-                sink.write(&data)
-                    .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
-                written += data.len() as u64;
-                pb.inc(data.len() as u64);
-            }
+        while let Some(data) = body.chunk().await {
+            let data = data.map_err(|e| format!("the download broke off: {e}"))?;
+            sink.write(&data)
+                .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+            written += data.len() as u64;
+            pb.inc(data.len() as u64);
         }
         if let Some(t) = total {
             if written != t {
@@ -344,5 +258,5 @@ pub async fn download(ep: &Endpoint, path: &str, dest: &Path) -> Result<u64, Str
         Ok(()) => done(&pb, &format!("downloaded {name}"), written),
         Err(_) => pb.finish_and_clear(),
     }
-    result.map(|()| written)
+    Ok(result.map(|()| written)?)
 }

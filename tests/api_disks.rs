@@ -7,7 +7,7 @@ use common::server::{action, Server};
 
 use std::path::Path;
 
-use hyper::Method;
+use client::Method;
 use serde_json::{json, Value};
 
 fn disk_file(s: &Server, disk: &Value) -> std::path::PathBuf {

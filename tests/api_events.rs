@@ -6,8 +6,7 @@ use common::server::{action, Server};
 
 use std::time::Duration;
 
-use http_body_util::BodyExt;
-use hyper::Method;
+use client::Method;
 use serde_json::json;
 
 #[test]
@@ -24,32 +23,17 @@ fn events_stream_reports_state_changes_and_operations() {
         .unwrap();
     let text = std::thread::scope(|sc| {
         rt.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
-            let (mut tx, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .unwrap();
-            tokio::spawn(conn);
             // From the beginning of the log: the create event is there too.
-            let req = hyper::Request::get("/v1/events?since=0")
-                .header("host", "kiln")
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .unwrap();
-            let resp = tx.send_request(req).await.unwrap();
-            assert_eq!(resp.status(), 200);
-            assert_eq!(resp.headers()["content-type"], "text/event-stream");
-            let mut body = resp.into_body();
+            let mut body = s.client().event_stream(Some(0)).await.unwrap();
+            assert_eq!(body.status, 200);
+            assert_eq!(body.headers["content-type"], "text/event-stream");
             // The guest powers itself off: starting → running → stopped.
             sc.spawn(|| action(&s, "ev", json!({"action": "start"})));
             let mut text = String::new();
             let end = tokio::time::Instant::now() + Duration::from_secs(20);
             while !text.contains("the guest powered off") {
-                match tokio::time::timeout_at(end, body.frame()).await {
-                    Ok(Some(Ok(f))) => {
-                        if let Some(d) = f.data_ref() {
-                            text.push_str(&String::from_utf8_lossy(d));
-                        }
-                    }
+                match tokio::time::timeout_at(end, body.chunk()).await {
+                    Ok(Some(Ok(d))) => text.push_str(&String::from_utf8_lossy(&d)),
                     _ => break,
                 }
             }

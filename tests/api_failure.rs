@@ -10,22 +10,20 @@ use common::server::{action, Server};
 
 use std::time::{Duration, Instant};
 
-use hyper::Method;
+use client::Method;
 use serde_json::{json, Value};
 
 /// Types `text` into an instance's serial port through the console websocket and reads its
 /// output until `until` has been seen (or 20 s passed); returns what was read.
 fn type_into(s: &Server, name: &str, text: &str, until: &str) -> String {
+    use client::Message;
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
-        let url = format!("ws://kiln/v1/instances/{name}/console/stream");
-        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        let mut ws = s.client().instance_console_stream(name).await.unwrap();
         ws.send(Message::text(text)).await.unwrap();
         let mut seen = String::new();
         let end = tokio::time::Instant::now() + Duration::from_secs(20);

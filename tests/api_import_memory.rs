@@ -12,21 +12,13 @@ mod common;
 use common::server::Server;
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::{Frame, SizeHint};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use client::Method;
 use serde_json::Value;
 
 const SIZE: u64 = 2 << 30;
@@ -41,8 +33,6 @@ const REGIONS: &[(u64, u64)] = &[
     (1024 * MIB + 4096, MIB),
     (SIZE - 2 * MIB, 2 * MIB),
 ];
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The file's data bytes: never zero, different for every region and every MiB.
 fn data_byte(o: u64) -> u8 {
@@ -76,114 +66,44 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
-/// A request body fed by a thread that reads the file a MiB at a time.
-struct FileBody {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
-    left: u64,
-}
-
-impl FileBody {
-    fn new(path: &Path) -> FileBody {
-        let mut f = File::open(path).unwrap();
-        let left = f.metadata().unwrap().len();
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
-        std::thread::spawn(move || loop {
-            let mut buf = vec![0u8; MIB as usize];
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    buf.truncate(n);
-                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    break;
-                }
-            }
-        });
-        FileBody { rx, left }
-    }
-}
-
-impl hyper::body::Body for FileBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(b))) => {
-                self.left = self.left.saturating_sub(b.len() as u64);
-                Poll::Ready(Some(Ok(Frame::data(b))))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.left)
-    }
-}
-
-async fn send(
-    s: &Server,
-    req: Request<BoxBody<Bytes, BoxError>>,
-) -> hyper::Response<hyper::body::Incoming> {
-    let stream = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+/// Streams `image` into `POST /v1/disks/import` (the client reads it a MiB at a time);
+/// returns the status and the JSON answer.
+async fn import(s: &Server, name: &str, format: &str, image: &Path) -> (u16, Value) {
+    let file = File::open(image).unwrap();
+    let len = file.metadata().unwrap().len();
+    let reply = s
+        .client()
+        .request(
+            Method::POST,
+            format!("/v1/disks/import?name={name}&format={format}"),
+        )
+        .header("content-length", &len.to_string())
+        .body(
+            "application/octet-stream",
+            client::body::file(file, len, |_| {}),
+        )
+        .send()
         .await
         .unwrap();
-    tokio::spawn(conn);
-    tx.send_request(req).await.unwrap()
-}
-
-/// Streams `image` into `POST /v1/disks/import`; returns the status and the JSON answer.
-async fn import(s: &Server, name: &str, format: &str, image: &Path) -> (u16, Value) {
-    let body = FileBody::new(image);
-    let req = Request::post(format!("/v1/disks/import?name={name}&format={format}"))
-        .header("host", "kiln")
-        .header("content-type", "application/octet-stream")
-        .header("content-length", body.left)
-        .body(body.boxed())
-        .unwrap();
-    let resp = send(s, req).await;
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (
-        status,
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned())),
+        reply.status.as_u16(),
+        reply.json().unwrap_or_else(|_| Value::String(reply.text())),
     )
 }
 
 /// Streams the raw export of `name` and compares it, frame by frame, with `image`; returns
 /// the length received.
 async fn export_matches(s: &Server, name: &str, image: &Path) -> u64 {
-    let req = Request::get(format!("/v1/disks/{name}/export?format=raw"))
-        .header("host", "kiln")
-        .body(
-            Empty::<Bytes>::new()
-                .map_err(|e: std::convert::Infallible| -> BoxError { match e {} })
-                .boxed(),
-        )
-        .unwrap();
-    let resp = send(s, req).await;
-    assert_eq!(resp.status().as_u16(), 200, "export of {name}");
+    let mut body = s
+        .client()
+        .disk_export(name, Some(client::wire::DiskFormat::Raw))
+        .await
+        .unwrap_or_else(|e| panic!("export of {name}: {e}"));
     let file = File::open(image).unwrap();
     let mut want = Vec::new();
-    let mut body = resp.into_body();
     let mut pos = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.unwrap_or_else(|e| panic!("export of {name} at {pos}: {e}"));
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
+    while let Some(data) = body.chunk().await {
+        let data = data.unwrap_or_else(|e| panic!("export of {name} at {pos}: {e}"));
         assert!(
             pos + data.len() as u64 <= SIZE,
             "export of {name} is longer than {SIZE} bytes"

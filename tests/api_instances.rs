@@ -7,7 +7,7 @@ use common::server::{action, Server};
 
 use std::time::{Duration, Instant};
 
-use hyper::Method;
+use client::Method;
 use serde_json::{json, Value};
 
 #[test]
@@ -210,8 +210,8 @@ fn instances_survive_a_restart_of_kiln_serve() {
 
 #[test]
 fn websocket_console_types_into_the_guest_and_reads_the_answer() {
+    use client::Message;
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path());
     let body = json!({"name": "echo", "vcpus": 1, "memory": "64MiB",
@@ -228,11 +228,7 @@ fn websocket_console_types_into_the_guest_and_reads_the_answer() {
         .build()
         .unwrap();
     let seen = rt.block_on(async {
-        let stream = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
-        let (mut ws, _) =
-            tokio_tungstenite::client_async("ws://kiln/v1/instances/echo/console/stream", stream)
-                .await
-                .unwrap();
+        let mut ws = s.client().instance_console_stream("echo").await.unwrap();
         ws.send(Message::text("hello kiln\r")).await.unwrap();
         let mut seen = String::new();
         let end = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -4,7 +4,7 @@ mod common;
 
 use common::server::Server;
 
-use hyper::Method;
+use client::Method;
 use serde_json::{json, Value};
 
 #[test]

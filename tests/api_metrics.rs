@@ -5,7 +5,7 @@ mod common;
 
 use common::server::{action, Server};
 
-use hyper::Method;
+use client::Method;
 use serde_json::json;
 
 /// The samples of a scrape: (name with labels, value).

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use hyper::Method;
+use client::Method;
 use serde_json::json;
 
 /// What a `kiln console` run printed.

@@ -3,8 +3,8 @@
 
 mod common;
 
+use client::Method;
 use common::{test_router, Server};
-use hyper::Method;
 
 async fn server() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();

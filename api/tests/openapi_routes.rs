@@ -5,8 +5,8 @@ mod common;
 
 use std::collections::BTreeSet;
 
+use client::Method;
 use common::Server;
-use hyper::Method;
 
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",

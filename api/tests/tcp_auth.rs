@@ -5,8 +5,8 @@ mod common;
 use std::io::Write;
 
 use api::{ListenError, TcpServer};
+use client::Method;
 use common::{test_router, Server};
-use hyper::Method;
 
 #[tokio::test]
 async fn refuses_to_start_without_a_usable_token_file() {

@@ -1,13 +1,10 @@
-//! `kiln serve` as a child process and a real HTTP/1 client over its Unix socket.
+//! `kiln serve` as a child process, and the client crate for it over its Unix socket.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use client::{Client, HeaderMap, Method};
 use serde_json::Value;
 
 /// A running `kiln serve`; SIGTERM on drop.
@@ -15,6 +12,9 @@ pub struct Server {
     pub child: Child,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    /// Drives the client's connections while the test's thread waits on a call.
+    rt: tokio::runtime::Runtime,
+    client: Client,
 }
 
 impl Server {
@@ -45,12 +45,28 @@ impl Server {
         }
         Server {
             child,
+            client: Client::unix(&socket),
             socket,
             state_dir: dir.join("state"),
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
         }
     }
 
-    /// One request over a fresh connection; returns status, headers and body bytes.
+    /// A client of this server, for a test's own runtime.
+    pub fn client(&self) -> Client {
+        Client::unix(&self.socket)
+    }
+
+    /// Runs a future of the test on the harness's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// One request; returns status, headers and body bytes.
     pub fn request(
         &self,
         method: Method,
@@ -58,36 +74,19 @@ impl Server {
         content_type: &str,
         headers: &[(&str, &str)],
         body: Vec<u8>,
-    ) -> (u16, hyper::HeaderMap, Vec<u8>) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+    ) -> (u16, HeaderMap, Vec<u8>) {
+        let mut req = self.client.request(method, path);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let reply = self
+            .block_on(req.body(content_type, client::body::bytes(body)).send())
             .unwrap();
-        rt.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
-            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            let mut req = Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", "kiln")
-                .header("content-type", content_type);
-            for (k, v) in headers {
-                req = req.header(*k, *v);
-            }
-            let req = req.body(Full::new(Bytes::from(body))).unwrap();
-            let resp = tx.send_request(req).await.unwrap();
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, headers, bytes.to_vec())
-        })
+        (reply.status.as_u16(), reply.headers, reply.body.to_vec())
     }
 
     /// One JSON request; returns status, headers and body text.
-    pub fn call(&self, method: Method, path: &str, body: &str) -> (u16, hyper::HeaderMap, String) {
+    pub fn call(&self, method: Method, path: &str, body: &str) -> (u16, HeaderMap, String) {
         let (status, headers, bytes) = self.request(
             method,
             path,
@@ -111,13 +110,7 @@ impl Server {
     /// Writes `request` (a whole HTTP/1 request) as it is, ignoring a server that stops
     /// reading early (as for a body over the limit), and returns the response text.
     pub fn call_raw(&self, request: &[u8]) -> String {
-        use std::io::{Read, Write};
-        let mut c = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _ = c.write_all(request);
-        let _ = c.shutdown(std::net::Shutdown::Write);
-        let mut out = Vec::new();
-        let _ = c.read_to_end(&mut out);
+        let out = self.block_on(self.client.exchange_raw(request)).unwrap();
         String::from_utf8_lossy(&out).into_owned()
     }
 
@@ -128,7 +121,7 @@ impl Server {
         path: &str,
         body: Value,
         headers: &[(&str, &str)],
-    ) -> (u16, hyper::HeaderMap, Value) {
+    ) -> (u16, HeaderMap, Value) {
         let (status, headers, bytes) = self.request(
             method,
             path,

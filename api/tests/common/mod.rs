@@ -1,4 +1,4 @@
-//! Test helpers: a real server on a real socket, and a raw hyper client for it.
+//! Test helpers: a real server on a real socket, and the client crate's raw layer for it.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 use api::{AppState, HostInfo, Metrics, ServerInfo, TcpServer, UnixServer};
 use axum::Router;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::HeaderMap;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use client::{Client, Endpoint, HeaderMap, Method, StatusCode};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -174,7 +171,7 @@ impl Reply {
     }
 }
 
-/// One request over a fresh connection to `target`.
+/// One request to `target` (over TCP without a token: the test names its own headers).
 pub async fn send(
     target: &Target,
     method: Method,
@@ -182,45 +179,25 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Reply {
-    let mut request = Request::builder().method(method).uri(path);
-    request = request.header("host", "localhost");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Full::new(body)).unwrap();
-    let response = match target {
-        Target::Unix(path) => {
-            let stream = tokio::net::UnixStream::connect(path)
-                .await
-                .expect("connect");
-            roundtrip(stream, request).await
-        }
-        Target::Tcp(addr) => {
-            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            roundtrip(stream, request).await
-        }
+    let endpoint = match target {
+        Target::Unix(path) => Endpoint::Unix(path.clone()),
+        Target::Tcp(addr) => Endpoint::Tcp {
+            addr: addr.to_string(),
+            token: None,
+        },
     };
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.expect("read body").to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
+    let mut request = Client::new(endpoint).request(method, path);
+    for (name, value) in headers {
+        request = request.header(name, value);
     }
-}
-
-async fn roundtrip<S>(
-    stream: S,
-    request: Request<Full<Bytes>>,
-) -> hyper::Response<hyper::body::Incoming>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let reply = request
+        .raw_body(client::body::bytes(body))
+        .send()
         .await
-        .expect("handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    sender.send_request(request).await.expect("send request")
+        .expect("request");
+    Reply {
+        status: reply.status,
+        headers: reply.headers,
+        body: reply.body,
+    }
 }
