@@ -52,14 +52,22 @@ pub(crate) async fn list(
 /// Creates a disk: blank (sparse), from an image (a qcow2 overlay on it, or a raw copy) or a
 /// copy of another disk.
 #[utoipa::path(post, path = "/v1/disks", tag = "disks", operation_id = "disk_create",
-    request_body(content = DiskCreate, description = "The new disk"),
+    request_body(content = DiskCreate, description = "The new disk",
+        example = json!({"name": "data", "size": "64MiB", "format": "qcow2", "source": {"type": "blank"}})),
     responses(
         (status = 201, description = "Created", body = Disk,
             headers(("ETag" = String, description = "The definition's entity tag, for `If-Match`"),
-                    ("Location" = String, description = "The new disk's path"))),
+                    ("Location" = String, description = "The new disk's path")),
+            links(
+                ("get" = (operation_id = "disk_get", parameters(("disk" = "$response.body#/id")), description = "The disk")),
+                ("update" = (operation_id = "disk_update", parameters(("disk" = "$response.body#/id")), description = "Change it")),
+                ("export" = (operation_id = "disk_export", parameters(("disk" = "$response.body#/id")), description = "Its content")),
+                ("delete" = (operation_id = "disk_delete", parameters(("disk" = "$response.body#/id")), description = "Delete it")),
+            )),
         (status = 400, description = "`invalid_value` (names the field) or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`: its source image went away while it was made", body = ErrorBody),
         (status = 409, description = "`already_exists` (the name) or `in_use` (the source disk's instance runs)", body = ErrorBody),
+        (status = 413, description = "`insufficient_capacity`: the host's file system cannot hold the disk, or `too_large`", body = ErrorBody),
     ))]
 pub(crate) async fn create(
     Mgr(m): Mgr,
@@ -91,16 +99,16 @@ pub(crate) async fn get(Mgr(m): Mgr, Path(key): Path<String>) -> Result<Response
 /// Renames, re-describes or grows a disk (it only grows, and only while detached). With
 /// `If-Match`, only if the definition has not changed since.
 #[utoipa::path(patch, path = "/v1/disks/{disk}", tag = "disks", operation_id = "disk_update",
-    params(("disk" = String, Path, description = "The disk's id or name"),
-           ("If-Match" = Option<String>, Header, description = "An `ETag` of the disk: change it only if it is still the current one (`*`: any)")),
-    request_body(content = DiskPatch, description = "The fields to change"),
+    params(("disk" = String, Path, description = "The disk's id or name")),
+    request_body(content = DiskPatch, description = "The fields to change",
+        example = json!({"size": "128MiB"})),
     responses(
         (status = 200, description = "The disk, changed", body = Disk,
             headers(("ETag" = String, description = "The definition's new entity tag"))),
         (status = 400, description = "`invalid_value` (names the field) or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such disk", body = ErrorBody),
         (status = 409, description = "`already_exists` (the new name) or `in_use` (growing an attached disk)", body = ErrorBody),
-        (status = 412, description = "`precondition_failed`: `If-Match` is not the current `ETag`", body = ErrorBody),
+        (status = 413, description = "`insufficient_capacity`: the host's file system cannot hold the disk grown, or `too_large`", body = ErrorBody),
     ))]
 pub(crate) async fn patch(
     Mgr(m): Mgr,
@@ -150,6 +158,7 @@ pub(crate) struct ImportQuery {
                     ("Location" = String, description = "The new disk's path"))),
         (status = 400, description = "`invalid_value`: the name, or a stream that is not a usable image (names `body`)", body = ErrorBody),
         (status = 409, description = "`already_exists`: the name is taken", body = ErrorBody),
+        (status = 413, description = "`insufficient_capacity`: the host's file system cannot hold the disk", body = ErrorBody),
     ))]
 pub(crate) async fn import(
     Mgr(m): Mgr,

@@ -52,11 +52,21 @@ pub(crate) async fn list(
 /// Disks listed as `{"create": …}` are made for it (and removed again if it cannot be
 /// created). A MAC is generated for a NIC without one.
 #[utoipa::path(post, path = "/v1/instances", tag = "instances", operation_id = "instance_create",
-    request_body(content = InstanceCreate, description = "The new instance"),
+    request_body(content = InstanceCreate, description = "The new instance",
+        example = json!({"name": "web-1", "vcpus": 1, "memory": "64MiB",
+                         "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=wait-powerbutton"}})),
     responses(
         (status = 201, description = "Created (and starting, with `start`)", body = Instance,
             headers(("ETag" = String, description = "The definition's entity tag, for `If-Match`"),
-                    ("Location" = String, description = "The new instance's path"))),
+                    ("Location" = String, description = "The new instance's path")),
+            links(
+                ("get" = (operation_id = "instance_get", parameters(("instance" = "$response.body#/id")), description = "The instance")),
+                ("update" = (operation_id = "instance_update", parameters(("instance" = "$response.body#/id")), description = "Change it")),
+                ("action" = (operation_id = "instance_action", parameters(("instance" = "$response.body#/id")), description = "Start, stop, …")),
+                ("console" = (operation_id = "instance_console", parameters(("instance" = "$response.body#/id")), description = "Its console")),
+                ("attach" = (operation_id = "instance_disk_attach", parameters(("instance" = "$response.body#/id")), description = "Attach a disk")),
+                ("delete" = (operation_id = "instance_delete", parameters(("instance" = "$response.body#/id")), description = "Delete it")),
+            )),
         (status = 400, description = "`invalid_value` (names the field) or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`: a disk or image it names went away while it was made", body = ErrorBody),
         (status = 409, description = "`already_exists` (the name, or a new disk's) or `in_use` (a disk attached elsewhere)", body = ErrorBody),
@@ -134,10 +144,12 @@ const ACTION_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 /// 409 `invalid_state`, naming the state.
 #[utoipa::path(post, path = "/v1/instances/{instance}/actions", tag = "instances", operation_id = "instance_action",
     params(("instance" = String, Path, description = "The instance's id or name"), WaitQuery),
-    request_body(content = ActionRequest, description = "The action"),
+    request_body(content = ActionRequest, description = "The action",
+        example = json!({"action": "start"})),
     responses(
         (status = 202, description = "The action's operation, under way", body = Operation,
-            headers(("Location" = String, description = "The operation's path"))),
+            headers(("Location" = String, description = "The operation's path")),
+            links(("operation" = (operation_id = "operation_get", parameters(("id" = "$response.body#/id")), description = "The operation")))),
         (status = 200, description = "With `wait=true`: the action succeeded; the instance now", body = Instance),
         (status = 404, description = "`not_found`: no such instance", body = ErrorBody),
         (status = 409, description = "`invalid_state`: the action does not fit the state (or, with `wait=true`, the action failed); `in_use`: a disk is being copied or exported", body = ErrorBody),
@@ -169,16 +181,15 @@ pub(crate) async fn action(
 /// Changes an instance: name, description and `auto_start`; vCPUs and memory only while it
 /// is stopped. With `If-Match`, only if the definition has not changed since.
 #[utoipa::path(patch, path = "/v1/instances/{instance}", tag = "instances", operation_id = "instance_update",
-    params(("instance" = String, Path, description = "The instance's id or name"),
-           ("If-Match" = Option<String>, Header, description = "An `ETag` of the instance: change it only if it is still the current one (`*`: any)")),
-    request_body(content = InstancePatch, description = "The fields to change"),
+    params(("instance" = String, Path, description = "The instance's id or name")),
+    request_body(content = InstancePatch, description = "The fields to change",
+        example = json!({"description": "the web server"})),
     responses(
         (status = 200, description = "The instance, changed", body = Instance,
             headers(("ETag" = String, description = "The definition's new entity tag"))),
         (status = 400, description = "`invalid_value` (names the field) or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such instance", body = ErrorBody),
         (status = 409, description = "`already_exists` (the new name) or `invalid_state` (vCPUs or memory of a running instance)", body = ErrorBody),
-        (status = 412, description = "`precondition_failed`: `If-Match` is not the current `ETag`", body = ErrorBody),
         (status = 413, description = "`insufficient_capacity`: more vCPUs or memory than the host has, or `too_large`", body = ErrorBody),
     ))]
 pub(crate) async fn patch(

@@ -81,7 +81,8 @@ pub struct ApiDoc;
 
 /// What every operation of the API shares, added to each: the bearer token (TCP), the
 /// `api-version` and `x-request-id` request headers, the `x-request-id` and `api-version`
-/// headers of every response, and the errors any request can get.
+/// headers of every response, and the errors any request can get; and what every PATCH
+/// shares: `If-Match` and its 412.
 pub struct Contract;
 
 /// The name of the bearer security scheme.
@@ -114,6 +115,27 @@ fn takes_json(op: &Operation) -> bool {
 }
 
 impl Contract {
+    /// What a PATCH shares: `If-Match` and its 412.
+    fn patch(op: &mut Operation) {
+        op.parameters.get_or_insert_with(Vec::new).push(
+            ParameterBuilder::new()
+                .name(header::IF_MATCH.as_str())
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(
+                    "An `ETag` of the resource: change it only if it is still the current one \
+                     (`*`: any)",
+                ))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .build()
+                .into(),
+        );
+        op.responses.responses.insert(
+            "412".to_string(),
+            error_response("`precondition_failed`: `If-Match` is not the current `ETag`"),
+        );
+    }
+
     fn operation(op: &mut Operation) {
         let params = op.parameters.get_or_insert_with(Vec::new);
         params.push(
@@ -214,6 +236,9 @@ impl Modify for Contract {
         );
         openapi.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
         for item in openapi.paths.paths.values_mut() {
+            if let Some(op) = &mut item.patch {
+                Self::patch(op);
+            }
             let ops = [
                 &mut item.get,
                 &mut item.put,

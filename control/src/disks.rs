@@ -78,7 +78,14 @@ impl DiskExport {
 }
 
 fn image_error(field: &str, e: images::Error) -> Error {
+    use std::io::ErrorKind::{FileTooLarge, StorageFull};
     match e {
+        // The host's file system cannot hold it: more than the host can give.
+        images::Error::Io { ref source, .. }
+            if matches!(source.kind(), FileTooLarge | StorageFull) =>
+        {
+            Error::InsufficientCapacity(format!("{field}: {e}"))
+        }
         images::Error::Io { .. } => Error::Internal(e.to_string()),
         other => invalid(field, other.to_string()),
     }
@@ -411,5 +418,36 @@ impl Manager {
         }
         cat.check_not_read(&def, "delete it")?;
         self.remove_disk(&mut cat, def.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_the_host_cannot_hold_is_insufficient_capacity() {
+        let io = |kind| images::Error::Io {
+            context: "creating raw image /x.raw".into(),
+            source: std::io::Error::from(kind),
+        };
+        for kind in [
+            std::io::ErrorKind::FileTooLarge,
+            std::io::ErrorKind::StorageFull,
+        ] {
+            assert!(matches!(
+                image_error("size", io(kind)),
+                Error::InsufficientCapacity(m) if m.starts_with("size: ")
+            ));
+        }
+        assert!(matches!(
+            image_error("size", io(std::io::ErrorKind::PermissionDenied)),
+            Error::Internal(_)
+        ));
+        assert!(matches!(
+            check_size("size", 1000),
+            Err(Error::InvalidValue { .. })
+        ));
+        check_size("size", 64 << 40).unwrap();
     }
 }

@@ -31,6 +31,7 @@ pub enum DiskSourceSpec {
 #[serde(deny_unknown_fields)]
 pub struct DiskCreate {
     /// Unique name: 1-63 of `[a-z0-9-]`, starting with a letter.
+    #[schema(pattern = "^[a-z][a-z0-9-]{0,62}$", example = "data")]
     pub name: String,
     /// Free text.
     #[serde(default)]
@@ -41,6 +42,7 @@ pub struct DiskCreate {
     pub size: Option<Size>,
     /// Logical block size the guest sees: 512 (default) or 4096.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = 512)]
     pub block_size: Option<u32>,
     /// How the file stores the disk: qcow2 by default for an image source, the source's for
     /// a disk copy, raw otherwise.
@@ -74,6 +76,7 @@ impl From<DiskCreate> for control::NewDisk {
 pub struct DiskPatch {
     /// New name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z][a-z0-9-]{0,62}$")]
     pub name: Option<String>,
     /// New description.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,6 +175,7 @@ impl From<control::DiskView> for Disk {
 #[serde(deny_unknown_fields)]
 pub struct ImageCreate {
     /// Unique name: 1-63 of `[a-z0-9-]`, starting with a letter.
+    #[schema(pattern = "^[a-z][a-z0-9-]{0,62}$", example = "data")]
     pub name: String,
     /// What it is for.
     pub kind: ImageKind,

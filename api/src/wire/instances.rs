@@ -13,12 +13,14 @@ use super::values::{ActionKind, InstanceState, Mac, Size};
 #[serde(deny_unknown_fields)]
 pub struct BootSpec {
     /// Kernel image, by name or id (`kiln-probe` is built in). Responses give its name.
+    #[schema(example = "kiln-probe")]
     pub kernel: String,
     /// Initrd image, by name or id. Responses give its name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
     /// Kernel command line.
     #[serde(default)]
+    #[schema(example = "console=ttyS0")]
     pub cmdline: String,
 }
 
@@ -74,12 +76,14 @@ pub enum DiskSpec {
 #[serde(deny_unknown_fields)]
 pub struct InstanceCreate {
     /// Unique name: 1-63 of `[a-z0-9-]`, starting with a letter.
+    #[schema(pattern = "^[a-z][a-z0-9-]{0,62}$", example = "web-1")]
     pub name: String,
     /// Free text.
     #[serde(default)]
     pub description: String,
-    /// vCPUs (at least 1).
-    #[schema(minimum = 1)]
+    /// vCPUs (at least 1; at most what the host's KVM allows, else 413
+    /// `insufficient_capacity`).
+    #[schema(minimum = 1, example = 1)]
     pub vcpus: u32,
     /// Guest memory.
     pub memory: Size,
@@ -105,6 +109,7 @@ pub struct InstanceCreate {
 pub struct InstancePatch {
     /// New name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z][a-z0-9-]{0,62}$")]
     pub name: Option<String>,
     /// New description.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -54,7 +54,8 @@ impl PartialSchema for Size {
                 ObjectBuilder::new()
                     .schema_type(Type::String)
                     .pattern(Some(r"^\s*[0-9]+\s*(B|K|k|KiB|M|MiB|G|GiB|T|TiB)?\s*$"))
-                    .description(Some("a number with a binary unit: 512MiB, 10GiB")),
+                    .description(Some("a number with a binary unit: 512MiB, 10GiB"))
+                    .examples(["64MiB"]),
             )
             .description(Some(
                 "A size: an integer number of bytes, or a string with a binary unit",
