@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::os::fd::FromRawFd;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,16 +25,11 @@ fn start(cmds: &str, vcpus: u8, with_input: bool) -> Running {
     common::require_kvm();
     let host = Arc::new(Host::open().unwrap());
     let (input, writer) = if with_input {
-        let mut fds = [0; 2];
-        // SAFETY: pipe writes two fds we then own.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fresh fds from pipe().
-        unsafe {
-            (
-                Some(std::fs::File::from_raw_fd(fds[0])),
-                Some(std::fs::File::from_raw_fd(fds[1])),
-            )
-        }
+        let (r, w) = std::io::pipe().unwrap();
+        (
+            Some(std::fs::File::from(OwnedFd::from(r))),
+            Some(std::fs::File::from(OwnedFd::from(w))),
+        )
     } else {
         (None, None)
     };
@@ -141,4 +136,34 @@ fn stop_ends_a_paused_vm() {
     r.handle.pause(Duration::from_secs(5)).unwrap();
     r.handle.stop();
     assert_eq!(r.thread.join().unwrap().unwrap(), Exit::Stopped);
+}
+
+#[test]
+fn pauses_racing_resets_and_a_stop_never_hang() {
+    // Each reset ends a boot (its vCPU threads are joined) while pauses kick the vCPUs of the
+    // boot they find: a kick must never reach a thread that was joined, and every pause must
+    // end, whether it caught a boot or the gap between two.
+    let r = start("hlt", 2, false);
+    assert!(
+        r.out.wait_for("PROBE-OK hlt", Duration::from_secs(20)),
+        "{}",
+        r.out.text()
+    );
+    let pauser = {
+        let h = r.handle.clone();
+        std::thread::spawn(move || {
+            for _ in 0..200 {
+                let _ = h.pause(Duration::from_secs(5));
+                h.resume();
+            }
+        })
+    };
+    for _ in 0..20 {
+        let _ = r.handle.reset();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    pauser.join().unwrap();
+    r.handle.stop();
+    assert_eq!(r.thread.join().unwrap().unwrap(), Exit::Stopped);
+    assert!(r.handle.boots() > 1, "the resets re-booted the guest");
 }

@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use boot::acpi::{AcpiConfig, S5_SLEEP_TYPE};
@@ -29,7 +28,7 @@ use kvm_bindings::{
 use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::config::{KernelImage, VmConfig};
 use crate::event_loop::{ConsoleInput, EventLoop};
@@ -47,9 +46,8 @@ pub(crate) struct Persistent {
     pub nvram: Nvram,
 }
 
-/// A running boot.
+/// A running boot. Its vCPU threads are kept by its [`BootControl`].
 pub(crate) struct Machine {
-    vcpus: Vec<JoinHandle<()>>,
     events: Option<EventLoop>,
     control: Arc<BootControl>,
     // Kept alive until the vCPU threads are gone.
@@ -125,21 +123,20 @@ impl Machine {
         let events = EventLoop::start(console, virtio)
             .map_err(|e| VmError::Build(format!("event loop: {e}")))?;
 
-        let mut machine = Machine {
-            vcpus: Vec::new(),
+        let machine = Machine {
             events: Some(events),
             control: control.clone(),
             _vm: vm,
             _mem: mem,
         };
         for (id, fd) in vcpu_fds.into_iter().enumerate() {
-            let (buses, control) = (buses.clone(), control.clone());
+            let (buses, vcpu_control) = (buses.clone(), control.clone());
             let t = std::thread::Builder::new()
                 .name(format!("kiln-vcpu{id}"))
                 .spawn(move || {
-                    let c = control.clone();
+                    let c = vcpu_control.clone();
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        vcpu::run(fd, id as u8, buses, control)
+                        vcpu::run(fd, id as u8, buses, vcpu_control)
                     }));
                     if let Err(p) = r {
                         let msg = p
@@ -153,7 +150,7 @@ impl Machine {
                     }
                 });
             match t {
-                Ok(t) => machine.vcpus.push(t),
+                Ok(t) => control.add_vcpu(t),
                 Err(e) => {
                     machine.stop();
                     return Err(VmError::Build(format!("cannot start a vCPU thread: {e}")));
@@ -166,19 +163,17 @@ impl Machine {
     /// Stops the vCPUs (kicking them out of `KVM_RUN`) and the event loop, and waits for them.
     pub fn stop(mut self) {
         self.control.end();
-        let mut threads = std::mem::take(&mut self.vcpus);
-        // A kick can land just before a vCPU enters KVM_RUN: repeat until every thread is out.
-        while !threads.is_empty() {
-            for t in &threads {
-                let _ = t.kill(SIGRTMIN());
-            }
-            std::thread::sleep(Duration::from_micros(200));
-            let (done, running): (Vec<_>, Vec<_>) =
-                threads.into_iter().partition(|t| t.is_finished());
+        // Kick until every vCPU thread is out; a thread is taken out of the boot before it is
+        // joined, so no kick (of this loop or of a pause racing it) reaches a joined thread.
+        loop {
+            let (done, all) = self.control.reap_vcpus();
             for t in done {
                 let _ = t.join();
             }
-            threads = running;
+            if all {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
         if let Some(e) = self.events.take() {
             e.stop();
@@ -454,12 +449,15 @@ fn configure_vcpu(
     Ok(vcpu)
 }
 
-/// Installs the no-op handler of the signal that kicks vCPUs out of `KVM_RUN`.
+/// Installs the handler of the signal that kicks vCPUs out of `KVM_RUN` (it sets the
+/// `immediate_exit` of the vCPU the signalled thread runs).
 fn install_kick_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    extern "C" fn kicked(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        vcpu::kicked();
+    }
     ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(SIGRTMIN(), noop) {
+        if let Err(e) = register_signal_handler(SIGRTMIN(), kicked) {
             tracing::error!("cannot install the vCPU kick handler: {e}");
         }
     });

@@ -1,6 +1,7 @@
 //! One vCPU thread: `KVM_RUN` and dispatch of port and MMIO exits to the buses; the
 //! process-wide count of vCPU exits by reason ([`exit_counts`]).
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -94,10 +95,47 @@ pub(crate) struct Buses {
     pub mmio: Bus,
 }
 
+thread_local! {
+    /// The `immediate_exit` byte of the `kvm_run` of the vCPU this thread runs (null on other
+    /// threads), for the kick signal's handler. Constant-initialised and without a destructor:
+    /// a plain TLS access, safe in a signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Called by the kick signal's handler (SIGRTMIN), on the thread the signal was sent to: sets
+/// the `immediate_exit` of its vCPU, so that a kick that lands just before `KVM_RUN` makes it
+/// return at once (`EINTR`) instead of being lost. Does nothing on other threads.
+pub(crate) fn kicked() {
+    let p = IMMEDIATE_EXIT.with(Cell::get);
+    if !p.is_null() {
+        // SAFETY: `p` points into the `kvm_run` mapping of the vCPU this thread runs, set by
+        // `run` below and cleared before that vCPU is dropped; the handler runs on this thread,
+        // so the mapping is alive. KVM reads the byte at the next KVM_RUN.
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+/// Clears this thread's [`IMMEDIATE_EXIT`] when the vCPU's loop ends, however it ends.
+struct KickTarget;
+
+impl KickTarget {
+    fn set(vcpu: &mut VcpuFd) -> Self {
+        let byte = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit);
+        IMMEDIATE_EXIT.with(|c| c.set(byte));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
 /// Runs `vcpu` until the boot ends: the guest powers off or resets, the VM is stopped, or
 /// something fails (reported to `control` with the vCPU state).
 pub(crate) fn run(mut vcpu: VcpuFd, id: u8, buses: Arc<Buses>, control: Arc<BootControl>) {
-    control.register_vcpu_thread();
+    let _kick = KickTarget::set(&mut vcpu);
     while !control.is_ending() {
         control.gate.park_while_paused(&control);
         if control.is_ending() {

@@ -4,11 +4,13 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::acpi_pm::AcpiPm;
 use devices::bus::lock;
 use devices::{GuestRequest, GuestRequests};
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 use crate::config::{ConfigError, VmConfig};
 use crate::host::Host;
@@ -128,8 +130,10 @@ pub(crate) struct BootControl {
     ending: AtomicBool,
     /// The VM's pause gate (shared by all its boots).
     pub gate: Arc<PauseGate>,
-    /// The vCPU threads, for kicking them out of `KVM_RUN`.
-    threads: Mutex<Vec<libc::pthread_t>>,
+    /// The vCPU threads of this boot, owned here until they are joined: kicks go through
+    /// their handles, and a handle leaves this list (under its lock) before it is joined, so
+    /// no kick ever reaches a thread that was joined.
+    vcpus: Mutex<Vec<JoinHandle<()>>>,
     /// The ACPI registers, for pressing the power button.
     pub power_button: Mutex<Option<Arc<Mutex<AcpiPm>>>>,
     /// The virtio devices of this boot (disks, then NICs), for their counters.
@@ -143,24 +147,39 @@ impl BootControl {
             changed: Condvar::new(),
             ending: AtomicBool::new(false),
             gate,
-            threads: Mutex::new(Vec::new()),
+            vcpus: Mutex::new(Vec::new()),
             power_button: Mutex::new(None),
             devices: Mutex::new(Vec::new()),
         }
     }
 
-    /// Called by each vCPU thread as it starts.
-    pub fn register_vcpu_thread(&self) {
-        // SAFETY: pthread_self has no preconditions.
-        lock(&self.threads).push(unsafe { libc::pthread_self() });
+    /// Keeps a vCPU thread of this boot.
+    pub fn add_vcpu(&self, thread: JoinHandle<()>) {
+        lock(&self.vcpus).push(thread);
     }
 
-    /// Interrupts every vCPU's `KVM_RUN` (the handler of SIGRTMIN is a no-op).
+    /// Interrupts every vCPU's `KVM_RUN`: SIGRTMIN through each thread's own handle; its
+    /// handler sets the vCPU's `immediate_exit`, so a kick that lands just before `KVM_RUN`
+    /// is not lost (see [`crate::vcpu`]).
     pub fn kick(&self) {
-        for t in lock(&self.threads).iter() {
-            // SAFETY: the threads are joined only after `end`, and kicks stop before that.
-            unsafe { libc::pthread_kill(*t, vmm_sys_util::signal::SIGRTMIN()) };
+        for t in lock(&self.vcpus).iter() {
+            let _ = t.kill(SIGRTMIN());
         }
+    }
+
+    /// Takes the vCPU threads that have ended out of the boot (kicking the others once);
+    /// true when none is left.
+    pub fn reap_vcpus(&self) -> (Vec<JoinHandle<()>>, bool) {
+        let mut vcpus = lock(&self.vcpus);
+        for t in vcpus.iter() {
+            let _ = t.kill(SIGRTMIN());
+        }
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *vcpus)
+            .into_iter()
+            .partition(|t| t.is_finished());
+        *vcpus = running;
+        let all = vcpus.is_empty();
+        (done, all)
     }
 
     /// Records how the boot ends (if nothing was recorded yet) and tells every thread.
