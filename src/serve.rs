@@ -35,8 +35,11 @@ pub fn serve(args: ServeArgs) -> i32 {
         eprintln!("kiln: --listen needs --token-file FILE (TCP is never served without a token)");
         return 2;
     }
+    // Disk copies, imports and exports, VM builds and teardowns run on the blocking pool: it is
+    // bounded, as operations are (control::operations::POOL).
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(64)
         .enable_all()
         .build()
     {

@@ -382,3 +382,43 @@ fn concurrent_starts_start_one_vm() {
     // One VM ran: one banner.
     assert_eq!(console(m, "once").matches("KILN-PROBE").count(), 1);
 }
+
+#[test]
+fn an_instance_defined_by_an_earlier_version_loads_and_starts() {
+    // Earlier versions kept the image's name as the client gave it, and the disk's name
+    // beside its id.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("instances")).unwrap();
+    let old = serde_json::json!({
+        "id": "7f0c6a4e-2b1d-4a51-9f37-3c1e8e2d9b10", "name": "old", "description": "",
+        "vcpus": 1, "memory": 67108864,
+        "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=hlt"},
+        "disks": [], "network_interfaces": [], "auto_start": false,
+        "created_at": "2026-01-01T00:00:00.000Z", "updated_at": "2026-01-01T00:00:00.000Z",
+        "generation": 2
+    });
+    let file = dir
+        .path()
+        .join("instances/7f0c6a4e-2b1d-4a51-9f37-3c1e8e2d9b10.json");
+    std::fs::write(&file, old.to_string()).unwrap();
+    let p = manager(dir.path());
+    let inst = p.get("old").unwrap();
+    assert_eq!(inst.kernel, "kiln-probe");
+    assert_eq!(inst.def.generation, 2);
+    assert_eq!(
+        act(&p, "old", Action::Start, false),
+        OperationState::Succeeded
+    );
+    assert!(
+        wait_console(&p, "old", "PROBE-OK hlt", 1),
+        "{}",
+        console(&p, "old")
+    );
+    assert_eq!(
+        act(&p, "old", Action::Stop, true),
+        OperationState::Succeeded
+    );
+    // Saved again in the current format.
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved["boot"]["kernel"], control::PROBE_IMAGE_ID.to_string());
+}

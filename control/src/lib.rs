@@ -24,6 +24,7 @@ mod error;
 pub mod events;
 mod images;
 mod instances;
+mod legacy;
 pub mod lifecycle;
 mod model;
 pub mod operations;
@@ -58,6 +59,7 @@ pub use spec::{
 };
 
 use catalog::Catalog;
+use legacy::StoredInstance;
 use runtime::Slot;
 use store::Store;
 
@@ -99,9 +101,6 @@ impl Manager {
                     .map_err(|e| error::invalid("image-dir", format!("{}: {e}", d.display())))?,
             );
         }
-        let instances: Vec<InstanceDef> = store
-            .load_all(|d: &InstanceDef| &d.created_at)
-            .map_err(state_err)?;
         let disks = store
             .load_all(|d: &DiskDef| &d.created_at)
             .map_err(state_err)?;
@@ -111,6 +110,21 @@ impl Manager {
                 .load_all(|i: &Image| &i.created_at)
                 .map_err(state_err)?,
         );
+        let instances: Vec<InstanceDef> = store
+            .load_all(StoredInstance::created_at)
+            .map_err(state_err)?
+            .into_iter()
+            .filter_map(|s| match s {
+                StoredInstance::Current(d) => Some(d),
+                StoredInstance::Legacy(old) => {
+                    let def = old.convert(&all_images)?;
+                    if let Err(e) = store.save(&def) {
+                        tracing::warn!("rewriting the definition of {}: {e}", def.name);
+                    }
+                    Some(def)
+                }
+            })
+            .collect();
         let events = Arc::new(EventLog::default());
         let slots = instances
             .iter()
