@@ -82,11 +82,9 @@ fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
                 }
             }
             "block_size" => {
-                disk.block_size = match v {
-                    "512" => 512,
-                    "4096" => 4096,
-                    _ => return Err(format!("block_size={v}: use 512 or 4096")),
-                }
+                disk.block_size = v
+                    .parse()
+                    .map_err(|_| format!("block_size={v}: use 512 or 4096"))?;
             }
             _ => disk.serial = v.to_string(),
         }

@@ -157,9 +157,8 @@ impl Manager {
     pub(crate) fn plan_disk(&self, cat: &Catalog, spec: &NewDisk) -> Result<DiskPlan> {
         cat.check_new_name(Kind::Disk, &spec.name)?;
         let block_size = spec.block_size.unwrap_or(512);
-        if block_size != 512 && block_size != 4096 {
-            return Err(invalid("block_size", "512 or 4096"));
-        }
+        devices::virtio::block::check_block_size(block_size)
+            .map_err(|m| invalid("block_size", m))?;
         if let Some(size) = spec.size {
             check_size("size", size)?;
         }

@@ -264,6 +264,21 @@ mod tests {
     }
 
     #[test]
+    fn delete_and_changes_need_a_stopped_or_failed_instance() {
+        // API.md: DELETE only when stopped or failed (409 otherwise); disks attach and detach,
+        // vCPUs and memory change, only then too.
+        #[rustfmt::skip]
+        let table = [
+            (Stopped, true), (Starting, false), (Running, false), (Paused, false),
+            (Stopping, false), (Rebooting, false), (Failed, true),
+        ];
+        assert_eq!(table.map(|(s, _)| s), InstanceState::ALL);
+        for (state, stopped) in table {
+            assert_eq!(state.is_stopped(), stopped, "{state}");
+        }
+    }
+
+    #[test]
     fn stopped_and_vm_states_split_the_states() {
         for s in InstanceState::ALL {
             let transitional = matches!(s, Stopping);

@@ -261,13 +261,18 @@ impl VmConfig {
             return Err(ConfigError::TooManyDevices(devices));
         }
         for (index, d) in self.disks.iter().enumerate() {
+            let disk_error = |reason| ConfigError::Disk {
+                index,
+                path: d.path.clone(),
+                reason,
+            };
             if d.serial.len() > devices::virtio::block::ID_LEN {
-                return Err(ConfigError::Disk {
-                    index,
-                    path: d.path.clone(),
-                    reason: format!("serial {:?} is longer than 20 bytes", d.serial),
-                });
+                return Err(disk_error(format!(
+                    "serial {:?} is longer than 20 bytes",
+                    d.serial
+                )));
             }
+            devices::virtio::block::check_block_size(d.block_size).map_err(disk_error)?;
         }
         for (index, n) in self.nets.iter().enumerate() {
             devices::virtio::tap::check_name(&n.tap).map_err(|reason| ConfigError::Net {

@@ -41,6 +41,14 @@ const S_UNSUPP: u8 = 2;
 /// Length of the serial number GET_ID returns.
 pub const ID_LEN: usize = 20;
 
+/// Checks a logical block size a disk may show the guest: 512 or 4096.
+pub fn check_block_size(block_size: u32) -> Result<(), String> {
+    match block_size {
+        512 | 4096 => Ok(()),
+        n => Err(format!("block size {n}: use 512 or 4096")),
+    }
+}
+
 #[derive(Clone, Copy, Default)]
 #[repr(C)]
 struct RequestHeader {
@@ -123,8 +131,9 @@ impl Block {
         }
     }
 
-    /// The logical block size the guest is told (`blk_size`): 512 (the default) or 4096.
-    /// Requests stay addressed in 512-byte sectors, as virtio-blk defines.
+    /// The logical block size the guest is told (`blk_size`): 512 (the default) or 4096
+    /// ([`check_block_size`]). Requests stay addressed in 512-byte sectors, as virtio-blk
+    /// defines.
     pub fn with_block_size(mut self, block_size: u32) -> Self {
         if block_size == 4096 {
             self.block_size = block_size;
