@@ -11,8 +11,8 @@ use crate::error::{ApiError, ErrorBody};
 use crate::json::ApiJson;
 use crate::listing::{self, ListQuery, ListedDisk};
 use crate::plane::{blocking, Mgr};
-use crate::resource::{disk_path, if_match};
-use crate::respond::{created, with_etag};
+use crate::resource::if_match;
+use crate::respond::{created, tagged};
 use crate::streaming::{body_reader, body_writer};
 use crate::wire::{Disk, DiskCreate, DiskFormat, DiskPatch};
 
@@ -74,9 +74,7 @@ pub(crate) async fn create(
     ApiJson(spec): ApiJson<DiskCreate>,
 ) -> Result<Response, ApiError> {
     let disk = blocking(move || m.create_disk(spec.into())).await?;
-    let rev = disk.revision();
-    let disk = Disk::from(disk);
-    Ok(created(&disk, rev, &disk_path(disk.id)))
+    Ok(created(disk))
 }
 
 /// One disk, by id or name.
@@ -89,11 +87,7 @@ pub(crate) async fn create(
     ))]
 pub(crate) async fn get(Mgr(m): Mgr, Path(key): Path<String>) -> Result<Response, ApiError> {
     let disk = blocking(move || m.disk(&key)).await?;
-    Ok(with_etag(
-        StatusCode::OK,
-        &Disk::from(disk.clone()),
-        disk.revision(),
-    ))
+    Ok(tagged(StatusCode::OK, disk))
 }
 
 /// Renames, re-describes or grows a disk (it only grows, and only while detached). With
@@ -118,11 +112,7 @@ pub(crate) async fn patch(
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers);
     let disk = blocking(move || m.patch_disk(&key, p.into(), expected)).await?;
-    Ok(with_etag(
-        StatusCode::OK,
-        &Disk::from(disk.clone()),
-        disk.revision(),
-    ))
+    Ok(tagged(StatusCode::OK, disk))
 }
 
 /// Deletes a detached disk and its file.
@@ -168,9 +158,7 @@ pub(crate) async fn import(
     let mut reader = body_reader(body);
     let format = q.format.unwrap_or(DiskFormat::Raw).into();
     let disk = blocking(move || m.import_disk(&q.name, format, &mut reader)).await?;
-    let rev = disk.revision();
-    let disk = Disk::from(disk);
-    Ok(created(&disk, rev, &disk_path(disk.id)))
+    Ok(created(disk))
 }
 
 /// Options of `GET /v1/disks/{disk}/export`.

@@ -11,8 +11,8 @@ use crate::error::{ApiError, ErrorBody};
 use crate::json::ApiJson;
 use crate::listing::{self, ListQuery, ListedInstance};
 use crate::plane::{blocking, Mgr};
-use crate::resource::{if_match, instance_path, operation_path};
-use crate::respond::{created, with_etag, with_location};
+use crate::resource::{if_match, operation_path};
+use crate::respond::{created, tagged, with_location};
 use crate::wire::{
     ActionRequest, AttachRequest, Instance, InstanceCreate, InstancePatch, Operation,
 };
@@ -77,9 +77,7 @@ pub(crate) async fn create(
     ApiJson(spec): ApiJson<InstanceCreate>,
 ) -> Result<Response, ApiError> {
     let (inst, _op) = blocking(move || m.create(spec.into())).await?;
-    let rev = inst.revision();
-    let inst = Instance::from(inst);
-    Ok(created(&inst, rev, &instance_path(inst.id)))
+    Ok(created(inst))
 }
 
 /// One instance, by id or name.
@@ -92,11 +90,7 @@ pub(crate) async fn create(
     ))]
 pub(crate) async fn get(Mgr(m): Mgr, Path(key): Path<String>) -> Result<Response, ApiError> {
     let inst = m.get(&key)?;
-    Ok(with_etag(
-        StatusCode::OK,
-        &Instance::from(inst.clone()),
-        inst.revision(),
-    ))
+    Ok(tagged(StatusCode::OK, inst))
 }
 
 /// Options of `DELETE /v1/instances/{instance}`.
@@ -200,11 +194,7 @@ pub(crate) async fn patch(
 ) -> Result<Response, ApiError> {
     let expected = if_match(&headers);
     let inst = blocking(move || m.patch(&key, p.into(), expected)).await?;
-    Ok(with_etag(
-        StatusCode::OK,
-        &Instance::from(inst.clone()),
-        inst.revision(),
-    ))
+    Ok(tagged(StatusCode::OK, inst))
 }
 
 /// Attaches a disk to a stopped instance.
@@ -224,11 +214,7 @@ pub(crate) async fn attach(
     ApiJson(a): ApiJson<AttachRequest>,
 ) -> Result<Response, ApiError> {
     let inst = blocking(move || m.attach_disk(&key, &a.disk, a.read_only)).await?;
-    Ok(with_etag(
-        StatusCode::OK,
-        &Instance::from(inst.clone()),
-        inst.revision(),
-    ))
+    Ok(tagged(StatusCode::OK, inst))
 }
 
 /// Detaches a disk from a stopped instance.
@@ -246,9 +232,5 @@ pub(crate) async fn detach(
     Path((key, disk)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let inst = blocking(move || m.detach_disk(&key, &disk)).await?;
-    Ok(with_etag(
-        StatusCode::OK,
-        &Instance::from(inst.clone()),
-        inst.revision(),
-    ))
+    Ok(tagged(StatusCode::OK, inst))
 }

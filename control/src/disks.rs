@@ -33,13 +33,6 @@ pub struct DiskView {
     pub attached_to: Option<String>,
 }
 
-impl DiskView {
-    /// The definition's revision.
-    pub fn revision(&self) -> Revision {
-        self.def.revision()
-    }
-}
-
 /// How a planned disk's file is made.
 enum Making {
     /// A sparse file of zeros.

@@ -53,13 +53,6 @@ pub struct InstanceView {
     pub status: Status,
 }
 
-impl InstanceView {
-    /// The definition's revision.
-    pub fn revision(&self) -> Revision {
-        self.def.revision()
-    }
-}
-
 /// The counters of one device of a running instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceCounters {
