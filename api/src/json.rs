@@ -1,7 +1,12 @@
 //! [`ApiJson`]: the JSON body extractor and response of the API, whose rejections are
-//! [`ApiError`]s: 415 for a wrong `Content-Type`, 413 for a body over the limit, 400
-//! `bad_request` for malformed JSON and 400 `invalid_value` naming the field for unknown fields,
-//! missing fields and wrong types.
+//! [`ApiError`]s: 415 for a `Content-Type` that is clearly not JSON, 413 for a body over the
+//! limit, 400 `bad_request` for malformed JSON and 400 `invalid_value` naming the field for
+//! unknown fields, missing fields and wrong types.
+//!
+//! A body without a `Content-Type`, or with curl's default for `-d`
+//! (`application/x-www-form-urlencoded`), is parsed as JSON: users paste `curl -d '{…}'`
+//! commands, and other VMMs' APIs take them too. Every other type that is not JSON
+//! (`text/plain`, `multipart/form-data`, …) is refused with 415.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -74,18 +79,23 @@ fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     }
 }
 
+/// The `Content-Type` that curl's `-d` sends when none is given.
+const CURL_DEFAULT: &str = "application/x-www-form-urlencoded";
+
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let wrong = || {
         ApiError::unsupported_media_type(
             "expected a JSON body with `Content-Type: application/json`",
         )
     };
-    let value = headers
-        .get(header::CONTENT_TYPE)
-        .ok_or_else(wrong)?
-        .to_str()
-        .map_err(|_| wrong())?;
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let value = value.to_str().map_err(|_| wrong())?;
     let essence = value.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case(CURL_DEFAULT) {
+        return Ok(());
+    }
     let (kind, subtype) = essence.split_once('/').ok_or_else(wrong)?;
     let json = kind.eq_ignore_ascii_case("application")
         && (subtype.eq_ignore_ascii_case("json")
@@ -177,8 +187,9 @@ mod tests {
     #[test]
     fn content_types() {
         let mut h = HeaderMap::new();
-        assert!(check_content_type(&h).is_err());
+        assert!(check_content_type(&h).is_ok(), "no Content-Type: JSON");
         for ok in [
+            "application/x-www-form-urlencoded",
             "application/json",
             "application/json; charset=utf-8",
             "Application/JSON",
@@ -187,7 +198,12 @@ mod tests {
             h.insert(header::CONTENT_TYPE, ok.parse().unwrap());
             assert!(check_content_type(&h).is_ok(), "{ok}");
         }
-        for bad in ["text/plain", "application/x-www-form-urlencoded", "json"] {
+        for bad in [
+            "text/plain",
+            "multipart/form-data; boundary=x",
+            "application/octet-stream",
+            "json",
+        ] {
             h.insert(header::CONTENT_TYPE, bad.parse().unwrap());
             let err = check_content_type(&h).unwrap_err();
             assert_eq!(err.code(), ErrorCode::UnsupportedMediaType, "{bad}");
@@ -231,9 +247,16 @@ mod tests {
         assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
         assert_eq!(json["error"]["code"], "unsupported_media_type");
 
-        let (status, json) = send(None, b"{}".to_vec()).await;
-        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-        assert_eq!(json["error"]["code"], "unsupported_media_type");
+        // What `curl -d` sends: no Content-Type, or its form default; both are JSON here.
+        for ct in [None, Some("application/x-www-form-urlencoded")] {
+            let (status, json) = send(ct, br#"{"name":"a","vcpus":1}"#.to_vec()).await;
+            assert_eq!(status, StatusCode::OK, "{ct:?}: {json}");
+            assert_eq!(json["vcpus"], 1);
+        }
+        // A form body under curl's default type is still malformed JSON.
+        let (status, json) = send(Some("application/x-www-form-urlencoded"), b"a=1".to_vec()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(json["error"]["code"], "bad_request");
 
         let mut big = br#"{"name":""#.to_vec();
         big.extend(std::iter::repeat_n(b'a', JSON_BODY_LIMIT + 1));

@@ -195,7 +195,8 @@ impl Contract {
             add(413, "`too_large`: the body is larger than 1 MiB");
             add(
                 415,
-                "`unsupported_media_type`: the body is not `application/json`",
+                "`unsupported_media_type`: a `Content-Type` that is not JSON (a body without \
+                 one, or with curl's `application/x-www-form-urlencoded`, is read as JSON)",
             );
         }
         for response in op.responses.responses.values_mut() {
