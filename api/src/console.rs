@@ -21,13 +21,21 @@ pub const CONSOLE_END: &str = "x-console-end";
 
 /// Which part of the history to send.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ConsoleQuery {
     /// From this byte offset (clamped to what is kept); 0 by default.
     from: Option<u64>,
     /// Only the last this many bytes (instead of `from`).
     tail: Option<u64>,
+    /// When there is nothing from `from` on yet, wait up to this many seconds (60 at most)
+    /// for output before answering: a client following the console polls with it.
+    #[param(maximum = 60)]
+    wait_s: Option<u64>,
 }
+
+/// Longest `wait_s` of a console read.
+const MAX_CONSOLE_WAIT: u64 = 60;
 
 /// The instance's serial output kept so far (the last MiB), across reboots and restarts.
 #[utoipa::path(get, path = "/v1/instances/{instance}/console", tag = "instances", operation_id = "instance_console",
@@ -44,6 +52,10 @@ pub(crate) async fn history(
     Query(q): Query<ConsoleQuery>,
 ) -> Result<Response, ApiError> {
     let ring = m.console(&key)?;
+    if let (Some(from), Some(wait), None) = (q.from, q.wait_s, q.tail) {
+        let wait = Duration::from_secs(wait.min(MAX_CONSOLE_WAIT));
+        ring.wait_beyond(from, wait).await;
+    }
     let (start, bytes) = match (q.from, q.tail) {
         (_, Some(t)) => ring.tail(t),
         (f, None) => ring.read_from(f.unwrap_or(0)),

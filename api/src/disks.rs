@@ -25,13 +25,14 @@ use crate::wire::{Disk, DiskCreate, DiskFormat, DiskPatch};
         (status = 200, description = "The disks (a page of them with `limit`)",
             content(([ListedDisk] = "application/json"), (String = "application/x-ndjson")),
             headers(("x-next-page-token" = String, description = "The `page_token` of the next page, when there is one"))),
-        (status = 400, description = "`bad_request` or `invalid_value`: a bad query (`limit`, `page_token`)", body = ErrorBody),
+        (status = 400, description = "`bad_request`: an unknown query parameter; `invalid_value`: a bad `limit`, `page_token`, `state` or `fields` (named)", body = ErrorBody),
     ))]
 pub(crate) async fn list(
     Mgr(m): Mgr,
     Query(q): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    q.check_state(&["attached", "detached"])?;
     let disks = blocking(move || Ok(m.disks())).await?;
     let items: Vec<Disk> = disks
         .into_iter()
@@ -130,6 +131,7 @@ pub(crate) async fn delete(Mgr(m): Mgr, Path(key): Path<String>) -> Result<Statu
 
 /// Options of `POST /v1/disks/import`.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ImportQuery {
     /// Name of the new disk.
@@ -163,6 +165,7 @@ pub(crate) async fn import(
 
 /// Options of `GET /v1/disks/{disk}/export`.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ExportQuery {
     /// `raw` (default: every byte of the disk) or `qcow2` (its allocated clusters only).

@@ -15,11 +15,15 @@ use crate::wire::Event;
 
 /// Where the stream starts.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct EventsQuery {
     /// Only events after this sequence number (default: from now on, or after
     /// `Last-Event-ID`).
     since: Option<u64>,
+    /// `false`: send the events kept after `since`, then end the stream (default `true`:
+    /// the stream goes on with new events).
+    follow: Option<bool>,
 }
 
 /// State changes and operation updates as server-sent events.
@@ -43,21 +47,21 @@ pub(crate) async fn stream(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let start = q.since.or(last).unwrap_or_else(|| m.events().last_seq());
+    if q.follow == Some(false) {
+        let kept: Vec<Result<SseEvent, std::convert::Infallible>> = m
+            .events()
+            .since(start)
+            .into_iter()
+            .map(|e| Ok(sse(e)))
+            .collect();
+        return Sse::new(futures_util::stream::iter(kept)).into_response();
+    }
     let stream = futures_util::stream::unfold((m, start), |(m, seq)| async move {
         loop {
             let batch = m.events().wait_since(seq, Duration::from_secs(30)).await;
             if let Some(last) = batch.last().map(|e| e.seq) {
-                let items: Vec<Result<SseEvent, std::convert::Infallible>> = batch
-                    .into_iter()
-                    .map(|e| {
-                        let e = Event::from(e);
-                        Ok(SseEvent::default()
-                            .id(e.seq.to_string())
-                            .event(e.kind.clone())
-                            .json_data(&e)
-                            .unwrap_or_default())
-                    })
-                    .collect();
+                let items: Vec<Result<SseEvent, std::convert::Infallible>> =
+                    batch.into_iter().map(|e| Ok(sse(e))).collect();
                 return Some((futures_util::stream::iter(items), (m, last)));
             }
         }
@@ -65,4 +69,14 @@ pub(crate) async fn stream(
     Sse::new(stream.flatten())
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// One event as a server-sent event.
+fn sse(e: control::Event) -> SseEvent {
+    let e = Event::from(e);
+    SseEvent::default()
+        .id(e.seq.to_string())
+        .event(e.kind.clone())
+        .json_data(&e)
+        .unwrap_or_default()
 }

@@ -23,13 +23,14 @@ use crate::wire::{Image, ImageCreate, ImageKind};
         (status = 200, description = "The images (a page of them with `limit`)",
             content(([ListedImage] = "application/json"), (String = "application/x-ndjson")),
             headers(("x-next-page-token" = String, description = "The `page_token` of the next page, when there is one"))),
-        (status = 400, description = "`bad_request` or `invalid_value`: a bad query (`limit`, `page_token`)", body = ErrorBody),
+        (status = 400, description = "`bad_request`: an unknown query parameter; `invalid_value`: a bad `limit`, `page_token`, `state` or `fields` (named)", body = ErrorBody),
     ))]
 pub(crate) async fn list(
     Mgr(m): Mgr,
     Query(q): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    q.check_state(&[])?;
     let items: Vec<Image> = m
         .images()
         .into_iter()
@@ -66,6 +67,7 @@ pub(crate) async fn create(
 
 /// Options of `POST /v1/images/upload`.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct UploadQuery {
     /// Name of the new image.

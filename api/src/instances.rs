@@ -26,13 +26,18 @@ use crate::wire::{
         (status = 200, description = "The instances (a page of them with `limit`)",
             content(([ListedInstance] = "application/json"), (String = "application/x-ndjson")),
             headers(("x-next-page-token" = String, description = "The `page_token` of the next page, when there is one"))),
-        (status = 400, description = "`bad_request` or `invalid_value`: a bad query (`limit`, `page_token`)", body = ErrorBody),
+        (status = 400, description = "`bad_request`: an unknown query parameter; `invalid_value`: a bad `limit`, `page_token`, `state` or `fields` (named)", body = ErrorBody),
     ))]
 pub(crate) async fn list(
     Mgr(m): Mgr,
     Query(q): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let states: Vec<&str> = control::InstanceState::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    q.check_state(&states)?;
     let items: Vec<Instance> = m
         .list()
         .into_iter()
@@ -95,6 +100,7 @@ pub(crate) async fn get(Mgr(m): Mgr, Path(key): Path<String>) -> Result<Response
 
 /// Options of `DELETE /v1/instances/{instance}`.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ForceQuery {
     /// Hard-stop a running instance first (and wait for a start or stop under way).
@@ -121,6 +127,7 @@ pub(crate) async fn delete(
 
 /// Options of `POST /v1/instances/{instance}/actions`.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct WaitQuery {
     /// Answer when the operation has ended (200 with the instance, or the operation's error)
@@ -172,8 +179,8 @@ pub(crate) async fn action(
     }
 }
 
-/// Changes an instance: name, description and `auto_start`; vCPUs and memory only while it
-/// is stopped. With `If-Match`, only if the definition has not changed since.
+/// Changes an instance: name, description and `auto_start`; vCPUs, memory and boot settings
+/// (kernel, initrd, command line) only while it is stopped. With `If-Match`, only if the definition has not changed since.
 #[utoipa::path(patch, path = "/v1/instances/{instance}", tag = "instances", operation_id = "instance_update",
     params(("instance" = String, Path, description = "The instance's id or name")),
     request_body(content = InstancePatch, description = "The fields to change",
@@ -183,7 +190,7 @@ pub(crate) async fn action(
             headers(("ETag" = String, description = "The definition's new entity tag"))),
         (status = 400, description = "`invalid_value` (names the field) or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such instance", body = ErrorBody),
-        (status = 409, description = "`already_exists` (the new name) or `invalid_state` (vCPUs or memory of a running instance)", body = ErrorBody),
+        (status = 409, description = "`already_exists` (the new name) or `invalid_state` (vCPUs, memory or boot settings of a running instance)", body = ErrorBody),
         (status = 413, description = "`insufficient_capacity`: more vCPUs or memory than the host has, or `too_large`", body = ErrorBody),
     ))]
 pub(crate) async fn patch(

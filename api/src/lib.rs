@@ -1,4 +1,5 @@
-//! Kiln's REST API (axum + tokio): the contract is `shared/design/API.md`.
+//! Kiln's REST API (axum + tokio): the contract is the OpenAPI document it serves, and the
+//! reference rendered from it (`docs/API.md`).
 //!
 //! The binary builds an [`AppState`], makes a [`router()`] of it and serves that router on a
 //! Unix socket ([`listen::serve_unix`]) and optionally on TCP ([`listen::serve_tcp`]).
@@ -9,6 +10,7 @@
 //! - [`request_id`], [`api_version`], [`metrics`] and the private `error_shape`: middleware;
 //! - [`auth`]: the TCP bearer token; [`listen`]: the listeners;
 //! - [`mod@router`]: [`AppState`], the route table and the router; [`openapi`]: the document;
+//!   [`reference`]: the Markdown reference (`docs/API.md`) rendered from it;
 //! - [`server_info`]: `GET /v1`; `instances`, `console`, `operations`, `events`, `disks`,
 //!   `images`: the routes of each resource, each a call of the control plane;
 //! - [`wire`]: the request and response bodies, with their schemas; [`resource`]: paths and
@@ -34,6 +36,7 @@ pub mod metrics;
 pub mod openapi;
 mod operations;
 mod plane;
+pub mod reference;
 pub mod request_id;
 pub mod resource;
 mod respond;

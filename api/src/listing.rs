@@ -63,6 +63,7 @@ const MAX_LIMIT: usize = 1000;
 
 /// The query options of a list.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
     /// Only items in this state (instances: `running`, …; disks: `attached` or `detached`).
@@ -81,8 +82,34 @@ pub(crate) struct ListQuery {
     pub ndjson: bool,
 }
 
-/// Answers a list: pages it by id, projects fields and picks the output format.
-pub(crate) fn respond<T: Serialize>(
+impl ListQuery {
+    /// Refuses a `state` that is not one of `states` (400 `invalid_value` naming them).
+    pub(crate) fn check_state(&self, states: &[&str]) -> Result<(), ApiError> {
+        match &self.state {
+            Some(s) if !states.contains(&s.as_str()) => Err(ApiError::invalid_value(
+                "state",
+                if states.is_empty() {
+                    format!("unknown state `{s}`: these items have no state")
+                } else {
+                    format!("unknown state `{s}`; one of: {}", states.join(", "))
+                },
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The fields of an item of a list (its schema's properties).
+fn fields_of<T: PartialSchema>() -> Vec<String> {
+    match T::schema() {
+        RefOr::T(Schema::Object(o)) => o.properties.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Answers a list: pages it by id, projects fields and picks the output format. A field of
+/// `fields` that items do not have is refused (400 `invalid_value` naming it).
+pub(crate) fn respond<T: Serialize + PartialSchema>(
     items: Vec<T>,
     q: &ListQuery,
     headers: &HeaderMap,
@@ -118,6 +145,13 @@ pub(crate) fn respond<T: Serialize>(
     }
     if let Some(fields) = &q.fields {
         let keep: Vec<&str> = fields.split(',').map(str::trim).collect();
+        let known = fields_of::<T>();
+        if let Some(bad) = keep.iter().find(|f| !known.iter().any(|k| k == *f)) {
+            return Err(ApiError::invalid_value(
+                "fields",
+                format!("unknown field `{bad}`; items have: {}", known.join(", ")),
+            ));
+        }
         for v in &mut values {
             if let Value::Object(m) = v {
                 m.retain(|k, _| keep.contains(&k.as_str()));

@@ -116,6 +116,7 @@ pub(crate) async fn assign(mut req: Request, next: Next) -> Response {
         .cloned()
         .unwrap_or_else(|| RequestId::from_headers_or_new(req.headers()));
     req.extensions_mut().insert(id.clone());
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let span = tracing::info_span!(
         "request",
         request_id = %id,
@@ -127,11 +128,17 @@ pub(crate) async fn assign(mut req: Request, next: Next) -> Response {
         .clone()
         .scope(next.run(req).instrument(span.clone()))
         .await;
+    // The access log: one line per request at the default level (`kiln serve` logs `info`).
+    let elapsed = started.elapsed();
     span.in_scope(|| {
-        tracing::debug!(
+        tracing::info!(
+            target: "access",
             status = response.status().as_u16(),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "request done"
+            "{} {} {} {:.1}ms",
+            method,
+            path,
+            response.status().as_u16(),
+            elapsed.as_secs_f64() * 1e3,
         )
     });
     id.tag(&mut response);

@@ -69,12 +69,29 @@ impl Client {
 
     /// Every item of a list, following `x-next-page-token` when the server pages it.
     async fn list<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, Error> {
+        self.list_query(path, "").await
+    }
+
+    /// Every item of a list with a query (`a=1&b=2`, or empty), following
+    /// `x-next-page-token` when the server pages it.
+    async fn list_query<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &str,
+    ) -> Result<Vec<T>, Error> {
         let mut items = Vec::new();
         let mut page: Option<String> = None;
         loop {
-            let p = match &page {
-                Some(t) => format!("{path}?page_token={}", escape(t)),
-                None => path.to_string(),
+            let mut q: Vec<String> = Vec::new();
+            if !query.is_empty() {
+                q.push(query.to_string());
+            }
+            if let Some(t) = &page {
+                q.push(format!("page_token={}", escape(t)));
+            }
+            let p = match q.is_empty() {
+                true => path.to_string(),
+                false => format!("{path}?{}", q.join("&")),
             };
             let reply = self.request(Method::GET, p).send().await?.success()?;
             let next = reply.header("x-next-page-token").map(String::from);
@@ -210,9 +227,34 @@ impl Client {
         tagged(self.request(Method::DELETE, path).send().await?.success()?)
     }
 
-    /// The recent operations.
+    /// The recent operations, oldest first.
     pub async fn operation_list(&self) -> Result<Vec<Operation>, Error> {
-        self.get("/v1/operations").await
+        self.list("/v1/operations").await
+    }
+
+    /// The recent operations on one instance (name or id), oldest first; at most `limit` of
+    /// them (the first page) when given.
+    pub async fn operation_list_of(
+        &self,
+        instance: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<Operation>, Error> {
+        let mut query = Vec::new();
+        if let Some(i) = instance {
+            query.push(format!("instance={}", escape(i)));
+        }
+        if let Some(l) = limit {
+            query.push(format!("limit={l}"));
+        }
+        if limit.is_some() {
+            return self
+                .get(&format!("/v1/operations?{}", query.join("&")))
+                .await;
+        }
+        match query.is_empty() {
+            true => self.list("/v1/operations").await,
+            false => self.list_query("/v1/operations", &query.join("&")).await,
+        }
     }
 
     /// One operation.
@@ -233,6 +275,16 @@ impl Client {
             None => "/v1/events".to_string(),
         };
         self.request(Method::GET, path).stream().await
+    }
+
+    /// The events kept after `since` (server-sent events), then the end of the stream.
+    pub async fn event_history(&self, since: u64) -> Result<Streamed, Error> {
+        self.request(
+            Method::GET,
+            format!("/v1/events?since={since}&follow=false"),
+        )
+        .stream()
+        .await
     }
 
     /// Every disk, oldest first.

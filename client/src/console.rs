@@ -41,17 +41,23 @@ impl Client {
             path = format!("{path}?{}", query.join("&"));
         }
         let reply = self.request(Method::GET, path).send().await?.success()?;
-        let number = |h: &str| {
-            reply
-                .header(h)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| Error::Decode(format!("no {h} header")))
-        };
-        Ok(ConsoleChunk {
-            offset: number(CONSOLE_OFFSET)?,
-            end: number(CONSOLE_END)?,
-            bytes: reply.body.to_vec(),
-        })
+        chunk(&reply)
+    }
+
+    /// The console history of an instance from byte `from`; when there is nothing from there
+    /// on yet, the server waits up to `wait_s` seconds for output.
+    pub async fn instance_console_wait(
+        &self,
+        key: &str,
+        from: u64,
+        wait_s: u64,
+    ) -> Result<ConsoleChunk, Error> {
+        let path = format!(
+            "/v1/instances/{}/console?from={from}&wait_s={wait_s}",
+            escape(key)
+        );
+        let reply = self.request(Method::GET, path).send().await?.success()?;
+        chunk(&reply)
     }
 
     /// Opens the console websocket of an instance.
@@ -74,4 +80,19 @@ impl Client {
             Err(e) => Err(Error::Transport(format!("console connection: {e}"))),
         }
     }
+}
+
+/// The console history in a reply.
+fn chunk(reply: &crate::Reply) -> Result<ConsoleChunk, Error> {
+    let number = |h: &str| {
+        reply
+            .header(h)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::Decode(format!("no {h} header")))
+    };
+    Ok(ConsoleChunk {
+        offset: number(CONSOLE_OFFSET)?,
+        end: number(CONSOLE_END)?,
+        bytes: reply.body.to_vec(),
+    })
 }

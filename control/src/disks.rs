@@ -265,6 +265,7 @@ impl Manager {
             .save(def)
             .map_err(|e| Error::internal("saving the disk definition", e))?;
         cat.disks.push(def.clone());
+        self.events.name(def.id, &def.name);
         self.events.push(Subject::Disk(def.id), "created", None);
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! The host's event log: state changes and operation updates, numbered, the newest kept.
 //! Readers waiting for new events are woken by a watch channel of the last number.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -52,12 +52,17 @@ pub struct Event {
     pub state: String,
     /// Why, when there is a reason.
     pub reason: Option<String>,
+    /// The name of what it is about when the event was recorded (for an operation, its
+    /// instance's), when known.
+    pub name: Option<String>,
 }
 
 /// Events, with waiting for new ones.
 pub struct EventLog {
     log: Mutex<VecDeque<Event>>,
     last: watch::Sender<u64>,
+    /// The names of what events are about, by id (kept after a deletion, for its event).
+    names: Mutex<HashMap<Uuid, String>>,
 }
 
 impl Default for EventLog {
@@ -65,13 +70,33 @@ impl Default for EventLog {
         Self {
             log: Mutex::default(),
             last: watch::channel(0).0,
+            names: Mutex::default(),
+        }
+    }
+}
+
+impl Subject {
+    /// The id of what the event is about.
+    pub const fn id(self) -> Uuid {
+        match self {
+            Subject::InstanceState(id)
+            | Subject::InstanceUpdated(id)
+            | Subject::Disk(id)
+            | Subject::Image(id)
+            | Subject::Operation(id) => id,
         }
     }
 }
 
 impl EventLog {
+    /// Names the resource (or operation) `id` in the events about it from now on.
+    pub fn name(&self, id: Uuid, name: &str) {
+        lock(&self.names).insert(id, name.to_string());
+    }
+
     /// Records an event.
     pub fn push(&self, subject: Subject, state: &str, reason: Option<String>) {
+        let name = lock(&self.names).get(&subject.id()).cloned();
         // The number is published under the log's lock, so that it never goes back.
         let mut l = lock(&self.log);
         let seq = l.back().map_or(0, |e| e.seq) + 1;
@@ -81,8 +106,16 @@ impl EventLog {
             subject,
             state: state.into(),
             reason,
+            name,
         };
-        tracing::info!(subject = ?e.subject, state = %e.state, "{}", subject.kind());
+        tracing::info!(
+            id = %subject.id(),
+            name = e.name.as_deref().unwrap_or("-"),
+            state = %e.state,
+            reason = e.reason.as_deref().unwrap_or(""),
+            "{}",
+            subject.kind()
+        );
         l.push_back(e);
         if l.len() > KEEP {
             l.pop_front();

@@ -108,6 +108,7 @@ impl Manager {
             .save(img)
             .map_err(|e| Error::internal("saving the image definition", e))?;
         cat.images.push(img.clone());
+        self.events.name(img.id, &img.name);
         self.events.push(Subject::Image(img.id), "created", None);
         Ok(())
     }

@@ -114,7 +114,15 @@ impl Manager {
         Ok(self.view(&cat, def))
     }
 
+    /// A vCPU count an instance may have: at most the host's online CPUs (as memory is at
+    /// most the host's), and what KVM allows.
     fn vcpus(&self, vcpus: u32) -> Result<u8> {
+        let cpus = host_cpus();
+        if vcpus as usize > cpus {
+            return Err(Error::InsufficientCapacity(format!(
+                "{vcpus} vCPUs asked for, but the host has only {cpus} CPUs"
+            )));
+        }
         u8::try_from(vcpus).map_err(|_| {
             config_error(ConfigError::TooManyVcpus(
                 vcpus as usize,
@@ -186,8 +194,11 @@ impl Manager {
             }
             files.into_iter().for_each(|f| f.keep());
             cat.instances.push(def.clone());
-            lock(&self.slots).insert(def.id, Slot::new(def.id, self.events.clone()));
+            let slot = Slot::new(def.id, self.events.clone());
+            crate::keep_console(&self.store, &slot);
+            lock(&self.slots).insert(def.id, slot);
         }
+        self.events.name(def.id, &def.name);
         self.events.push(
             Subject::InstanceState(def.id),
             InstanceState::Stopped.as_str(),
@@ -314,6 +325,7 @@ impl Manager {
             .save(&def)
             .map_err(|e| Error::internal("saving the definition", e))?;
         let state = self.slot(def.id)?.state();
+        self.events.name(def.id, &def.name);
         self.events
             .push(Subject::InstanceUpdated(def.id), state.as_str(), None);
         cat.instances[index] = def;
@@ -334,8 +346,8 @@ impl Manager {
         }
     }
 
-    /// Changes an instance's name, description or auto-start; vCPUs and memory only while it
-    /// is stopped. With `expected`, only when the definition is still at that revision.
+    /// Changes an instance's name, description or auto-start; vCPUs, memory and boot
+    /// settings only while it is stopped. With `expected`, only when the definition is still at that revision.
     pub fn patch(
         &self,
         key: &str,
@@ -357,13 +369,32 @@ impl Manager {
         if let Some(a) = changes.auto_start {
             def.auto_start = a;
         }
-        if changes.vcpus.is_some() || changes.memory.is_some() {
-            self.check_stopped(&def, "vcpus and memory change only while it is stopped")?;
+        let boot =
+            changes.kernel.is_some() || changes.initrd.is_some() || changes.cmdline.is_some();
+        if changes.vcpus.is_some() || changes.memory.is_some() || boot {
+            self.check_stopped(
+                &def,
+                "vcpus, memory and boot settings change only while it is stopped",
+            )?;
             if let Some(v) = changes.vcpus {
                 def.vcpus = self.vcpus(v)?;
             }
             if let Some(m) = changes.memory {
                 def.memory = m;
+            }
+            if let Some(k) = &changes.kernel {
+                def.boot.kernel = cat.image_of_kind(k, ImageKind::Kernel, "boot.kernel")?.id;
+            }
+            match changes.initrd.as_deref() {
+                Some("") => def.boot.initrd = None,
+                Some(i) => {
+                    def.boot.initrd =
+                        Some(cat.image_of_kind(i, ImageKind::Initrd, "boot.initrd")?.id)
+                }
+                None => {}
+            }
+            if let Some(c) = changes.cmdline {
+                def.boot.cmdline = c;
             }
             self.check_limits(&def, &cat.parts(&def)?)?;
         }
@@ -434,6 +465,7 @@ impl Manager {
                     lock(&self.slots).remove(&id);
                     drop(cat);
                     slot.join();
+                    let _ = std::fs::remove_file(self.store.console_file(id));
                     self.events
                         .push(Subject::InstanceState(id), "deleted", None);
                     return Ok(());
@@ -487,22 +519,31 @@ impl Manager {
             if step.now != state {
                 slot.set(step.now, None);
             }
-            (slot, self.operations.begin(req.action, def.id))
+            let op = self.operations.begin(req.action, def.id);
+            self.events.name(op.id, &def.name);
+            (slot, op)
         };
         let (m, events, id) = (self.clone(), self.events.clone(), op.id);
+        let ops = self.operations.clone();
         self.operations.run(
             &self.runtime,
             id,
-            async move { m.perform(&slot, req).await },
+            async move { m.perform(&slot, req, id).await },
             move |r| {
                 let state = if r.is_ok() { "succeeded" } else { "failed" };
-                events.push(Subject::Operation(id), state, r.err());
+                let reason = r.err().or_else(|| ops.get(id).and_then(|o| o.detail));
+                events.push(Subject::Operation(id), state, reason);
             },
         );
         Ok(op)
     }
 
-    async fn perform(self: &Arc<Self>, slot: &Arc<Slot>, req: ActionRequest) -> Result<(), String> {
+    async fn perform(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        req: ActionRequest,
+        op: Uuid,
+    ) -> Result<(), String> {
         let handle = || slot.handle().ok_or_else(|| "not running".to_string());
         match req.action {
             Action::Start => self.start_vm(slot).await,
@@ -517,10 +558,10 @@ impl Manager {
                         .wait_while(req.timeout, |s| s == InstanceState::Stopping)
                         .await;
                     if status.state == InstanceState::Stopping {
-                        tracing::info!(
-                            "graceful stop timed out after {} s: hard stop",
-                            req.timeout.as_secs()
-                        );
+                        let why = forced_stop_reason(req.timeout);
+                        tracing::info!(instance = %slot.id(), "{why}");
+                        self.operations.note(op, why.clone());
+                        slot.stop_reason(why);
                         h.stop();
                     }
                 }
@@ -659,6 +700,20 @@ impl Manager {
             })
             .collect()
     }
+}
+
+/// The CPUs this process may run on.
+fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Why an instance stopped whose guest did not power off in time (the operation's detail,
+/// the instance's `state_reason` and the event's reason).
+pub(crate) fn forced_stop_reason(timeout: Duration) -> String {
+    format!(
+        "forced stop: the guest did not power off within {} s of the power button",
+        timeout.as_secs()
+    )
 }
 
 /// Waits for the VM's thread to end, off the async workers.

@@ -126,9 +126,21 @@ impl Manager {
             })
             .collect();
         let events = Arc::new(EventLog::default());
+        for (id, name) in instances
+            .iter()
+            .map(|d| (d.id, &d.name))
+            .chain(disks.iter().map(|d| (d.id, &d.name)))
+            .chain(all_images.iter().map(|i| (i.id, &i.name)))
+        {
+            events.name(id, name);
+        }
         let slots = instances
             .iter()
-            .map(|d| (d.id, Slot::new(d.id, events.clone())))
+            .map(|d| {
+                let slot = Slot::new(d.id, events.clone());
+                keep_console(&store, &slot);
+                (d.id, slot)
+            })
             .collect();
         let auto: Vec<Uuid> = instances
             .iter()
@@ -188,5 +200,14 @@ impl Manager {
             allowed_dirs: allowed,
             ..Default::default()
         }
+    }
+}
+
+/// Backs an instance's console history with its file in the state directory (a failure is
+/// logged: the history is then kept in memory only).
+fn keep_console(store: &Store, slot: &Slot) {
+    let path = store.console_file(slot.id());
+    if let Err(e) = slot.console.persist(&path) {
+        tracing::warn!("console history {}: {e}", path.display());
     }
 }

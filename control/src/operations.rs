@@ -77,6 +77,9 @@ pub struct Operation {
     pub updated_at: String,
     /// What went wrong.
     pub error: Option<String>,
+    /// What a user should know of an operation that succeeded (a stop that had to be
+    /// forced).
+    pub detail: Option<String>,
 }
 
 /// Recent operations and the pool they run on.
@@ -109,6 +112,7 @@ impl Operations {
             created_at: now.clone(),
             updated_at: now,
             error: None,
+            detail: None,
         };
         self.update(|ops| {
             ops.push_back(op.clone());
@@ -160,6 +164,11 @@ impl Operations {
                 op.updated_at = crate::model::now();
             }
         });
+    }
+
+    /// Records what a user should know of the operation `id` (see [`Operation::detail`]).
+    pub(crate) fn note(&self, id: Uuid, detail: String) {
+        self.set(id, |op| op.detail = Some(detail));
     }
 
     /// One operation.

@@ -38,6 +38,9 @@ struct Vmm {
     /// The write end of the serial input pipe (non-blocking), shared so that writers never
     /// hold the lock while they write.
     input: Option<Arc<PipeWriter>>,
+    /// Why the VM is being stopped, when it is not a plain stop (a forced stop after the
+    /// timeout): the reason its end reports instead of `stopped`.
+    stop_reason: Option<String>,
 }
 
 /// Why console input was not sent.
@@ -204,6 +207,7 @@ impl Slot {
             let mut v = lock(&self.vm);
             v.handle = Some(vm.handle());
             v.input = Some(Arc::new(input_w));
+            v.stop_reason = None;
         }
         self.status.send_modify(|s| s.started_at = None);
         let slot = self.clone();
@@ -215,7 +219,13 @@ impl Slot {
                 drop(vm);
                 let (report, reason) = match r {
                     Ok(Ok(Exit::PowerOff)) => (VmReport::Ended, "the guest powered off".into()),
-                    Ok(Ok(Exit::Stopped)) => (VmReport::Ended, "stopped".into()),
+                    Ok(Ok(Exit::Stopped)) => (
+                        VmReport::Ended,
+                        lock(&slot.vm)
+                            .stop_reason
+                            .take()
+                            .unwrap_or_else(|| "stopped".into()),
+                    ),
                     Ok(Err(err)) => (VmReport::Failed, err.to_string()),
                     Err(_) => (
                         VmReport::Failed,
@@ -239,6 +249,11 @@ impl Slot {
                 Err(format!("cannot start the VM thread: {err}"))
             }
         }
+    }
+
+    /// Gives the reason the VM's end reports when it stops (instead of `stopped`).
+    pub fn stop_reason(&self, reason: String) {
+        lock(&self.vm).stop_reason = Some(reason);
     }
 
     /// Waits for the VM's thread to end. Blocks.

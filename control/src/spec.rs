@@ -110,6 +110,12 @@ pub struct InstanceChanges {
     pub memory: Option<u64>,
     /// Start again when the control plane opens.
     pub auto_start: Option<bool>,
+    /// Kernel image, name or id (only while stopped).
+    pub kernel: Option<String>,
+    /// Initrd image, name or id; empty for none (only while stopped).
+    pub initrd: Option<String>,
+    /// Kernel command line (only while stopped).
+    pub cmdline: Option<String>,
 }
 
 /// Changes to a disk; absent fields stay.

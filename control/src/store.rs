@@ -83,6 +83,13 @@ impl Store {
         self.disks_dir().join(format!("{}.{}", def.id, def.format))
     }
 
+    /// The console history of an instance: `<state>/instances/<id>.console`.
+    pub fn console_file(&self, id: Uuid) -> PathBuf {
+        self.root
+            .join(InstanceDef::DIR)
+            .join(format!("{id}.console"))
+    }
+
     /// The file of an uploaded image.
     pub fn upload_file(&self, id: Uuid) -> PathBuf {
         self.images_dir().join(format!("{id}.img"))

@@ -103,8 +103,23 @@ pub struct InstanceCreate {
     pub start: bool,
 }
 
+/// Changes to how an instance boots (only while it is stopped): absent fields stay.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BootPatch {
+    /// Kernel image (name or id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Initrd image (name or id); `""` for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
 /// The body of `PATCH /v1/instances/{instance}`: absent fields stay as they are.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstancePatch {
     /// New name.
@@ -124,6 +139,9 @@ pub struct InstancePatch {
     /// Start it again whenever `kiln serve` starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_start: Option<bool>,
+    /// Boot settings (only while stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootPatch>,
 }
 
 fn default_timeout() -> u64 {
@@ -303,6 +321,9 @@ impl From<InstancePatch> for control::InstanceChanges {
             vcpus: p.vcpus,
             memory: p.memory.map(|m| m.0),
             auto_start: p.auto_start,
+            kernel: p.boot.as_ref().and_then(|b| b.kernel.clone()),
+            initrd: p.boot.as_ref().and_then(|b| b.initrd.clone()),
+            cmdline: p.boot.and_then(|b| b.cmdline),
         }
     }
 }

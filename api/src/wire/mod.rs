@@ -8,8 +8,8 @@ mod values;
 
 pub use disks::{Disk, DiskCreate, DiskPatch, DiskSource, DiskSourceSpec, Image, ImageCreate};
 pub use instances::{
-    ActionRequest, AttachRequest, AttachedDisk, BootSpec, DiskSpec, ExistingDisk, Instance,
-    InstanceCreate, InstancePatch, NewDisk, Nic, NicSpec,
+    ActionRequest, AttachRequest, AttachedDisk, BootPatch, BootSpec, DiskSpec, ExistingDisk,
+    Instance, InstanceCreate, InstancePatch, NewDisk, Nic, NicSpec,
 };
 pub use operations::{Event, Operation};
 pub use values::{ActionKind, DiskFormat, ImageKind, InstanceState, Mac, OperationState, Size};

@@ -24,6 +24,10 @@ pub struct Operation {
     pub updated_at: String,
     /// What went wrong, once it failed.
     pub error: Option<String>,
+    /// What a user should know of an operation that succeeded: a stop that had to be forced
+    /// after its timeout says so here.
+    #[serde(default)]
+    pub detail: Option<String>,
 }
 
 impl From<control::Operation> for Operation {
@@ -36,6 +40,7 @@ impl From<control::Operation> for Operation {
             created_at: o.created_at,
             updated_at: o.updated_at,
             error: o.error,
+            detail: o.detail,
         }
     }
 }
@@ -51,6 +56,9 @@ pub struct Event {
     pub kind: String,
     /// The path of the resource it is about.
     pub resource: String,
+    /// The resource's name when the event was recorded (for an operation, its instance's).
+    #[serde(default)]
+    pub name: Option<String>,
     /// The new state (`running`, `deleted`, `created`, `succeeded`, …).
     pub state: String,
     /// Why, when there is a reason.
@@ -64,6 +72,7 @@ impl From<control::Event> for Event {
             time: e.time,
             kind: e.subject.kind().to_string(),
             resource: subject_path(e.subject),
+            name: e.name,
             state: e.state,
             reason: e.reason,
         }
