@@ -8,6 +8,7 @@ use client::wire::{
 };
 
 use crate::endpoint::{size, Endpoint, Failed};
+use crate::instance_cli::{fail_if, named};
 use crate::table;
 use crate::transfer::{download, upload, Source};
 
@@ -52,7 +53,8 @@ pub enum DiskCommand {
     Create {
         /// Its name (a-z, 0-9, '-').
         name: String,
-        /// Size (10GiB, 512MiB, or bytes); a copy is as large as its source by default.
+        /// Size: 10G, 512M, 1GiB; a bare number is MiB. A copy is as large as its source by
+        /// default.
         #[arg(long, required_unless_present_any = ["from_image", "from_disk"])]
         size: Option<String>,
         /// Format on the host (the server's default when absent).
@@ -67,15 +69,18 @@ pub enum DiskCommand {
     },
     /// List disks.
     List,
-    /// Show one disk.
+    /// Show disks.
     Show {
-        /// Name or id.
-        name: String,
+        /// Names or ids.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
-    /// Delete a disk (it must not be attached).
+    /// Delete disks (they must not be attached).
+    #[command(visible_alias = "rm")]
     Delete {
-        /// Name or id.
-        name: String,
+        /// Names or ids.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
     /// Attach a disk to a stopped instance.
     Attach {
@@ -98,7 +103,7 @@ pub enum DiskCommand {
     Grow {
         /// Name or id.
         name: String,
-        /// The new size (20GiB, or bytes).
+        /// The new size: 20G, 512M; a bare number is MiB.
         size: String,
     },
     /// Create a disk from a local file, streamed to the server (progress on stderr).
@@ -194,8 +199,25 @@ async fn disk_command(ep: &Endpoint, c: &client::Client, cmd: DiskCommand) -> Re
             ep.show(&c.disk_create(&spec).await?.value, table::disks);
         }
         DiskCommand::List => ep.show(&c.disk_list().await?, table::disks),
-        DiskCommand::Show { name } => ep.show(&c.disk_get(&name).await?.value, table::disks),
-        DiskCommand::Delete { name } => c.disk_delete(&name).await?,
+        DiskCommand::Show { names } => {
+            let mut disks = Vec::new();
+            for n in &names {
+                disks.push(c.disk_get(n).await?.value);
+            }
+            match disks.as_slice() {
+                [one] => ep.show(one, table::disks),
+                many => ep.show(&many, table::disks),
+            }
+        }
+        DiskCommand::Delete { names } => {
+            let mut failed = Vec::new();
+            for n in &names {
+                if let Err(e) = c.disk_delete(n).await {
+                    failed.push(named(n, e)?);
+                }
+            }
+            fail_if(failed)?
+        }
         DiskCommand::Attach {
             instance,
             disk,

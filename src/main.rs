@@ -2,8 +2,13 @@
 
 mod console;
 mod disk_cli;
+mod docs;
 mod endpoint;
 mod instance_cli;
+mod logging;
+mod logs;
+mod operation_cli;
+mod progress;
 mod run;
 mod serve;
 mod table;
@@ -12,9 +17,16 @@ mod transfer;
 use clap::{Parser, Subcommand};
 
 /// Kiln: a KVM virtual machine monitor.
+///
+/// The client commands (instance, console, logs, events, operation, disk, image) talk to a
+/// running `kiln serve` on its Unix socket (--socket, or KILN_SOCKET; /run/kiln/kiln.sock by
+/// default) or over TCP (--url and --token, or KILN_URL and KILN_TOKEN). The connection flags
+/// go before or after the subcommand.
 #[derive(Parser)]
-#[command(name = "kiln", version, about, long_about = None)]
-struct Cli {
+#[command(name = "kiln", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    endpoint: endpoint::TopEndpoint,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,10 +55,32 @@ enum Command {
     /// (a Ctrl-] byte in it detaches there); then the output is printed until the guest has
     /// been quiet for --timeout seconds. Either way the console ends, with status 0, when the
     /// instance stops or the server closes the connection. Only output from the moment of
-    /// connection is shown; the history is in GET /v1/instances/NAME/console.
+    /// connection is shown; the history is `kiln logs NAME`.
     Console {
         #[command(flatten)]
         args: console::ConsoleArgs,
+        #[command(flatten)]
+        endpoint: endpoint::Endpoint,
+    },
+    /// Print an instance's console history (kept across reboots and daemon restarts);
+    /// --follow keeps printing new output.
+    Logs {
+        #[command(flatten)]
+        args: logs::LogsArgs,
+        #[command(flatten)]
+        endpoint: endpoint::Endpoint,
+    },
+    /// Print the server's events (state changes, operations); --follow waits for new ones.
+    Events {
+        #[command(flatten)]
+        args: logs::EventsArgs,
+        #[command(flatten)]
+        endpoint: endpoint::Endpoint,
+    },
+    /// List, show and wait for operations (long actions such as start and stop).
+    Operation {
+        #[command(subcommand)]
+        command: operation_cli::OperationCommand,
         #[command(flatten)]
         endpoint: endpoint::Endpoint,
     },
@@ -64,30 +98,49 @@ enum Command {
         #[command(flatten)]
         endpoint: endpoint::Endpoint,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// For bash: `kiln completions bash > /etc/bash_completion.d/kiln`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `kiln man | man -l -`.
+    Man,
 }
 
 fn main() {
-    init_logging();
     let cli = Cli::parse();
+    let top = cli.endpoint;
     let code = match cli.command {
-        Command::Run(args) => run::run(args),
-        Command::Serve(args) => serve::serve(args),
-        Command::Instance { command, endpoint } => instance_cli::instance(endpoint, command),
-        Command::Console { args, endpoint } => console::console(endpoint, args),
-        Command::Disk { command, endpoint } => disk_cli::disk(endpoint, command),
-        Command::Image { command, endpoint } => disk_cli::image(endpoint, command),
+        Command::Run(args) => {
+            logging::init_cli();
+            run::run(args)
+        }
+        Command::Serve(args) => serve::serve(args, top.socket()),
+        command => {
+            logging::init_cli();
+            client_command(command, &top)
+        }
     };
     std::process::exit(code);
 }
 
-/// Logs go to stderr; `KILN_LOG` takes a tracing filter (`info`, `vmm=debug`). Without it only
-/// warnings and errors are shown, and no filter is compiled (it costs startup time).
-fn init_logging() {
-    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr);
-    match std::env::var("KILN_LOG") {
-        Ok(spec) => fmt
-            .with_env_filter(tracing_subscriber::EnvFilter::new(spec))
-            .init(),
-        Err(_) => fmt.with_max_level(tracing::Level::WARN).init(),
+fn client_command(command: Command, top: &endpoint::TopEndpoint) -> i32 {
+    match command {
+        Command::Run(_) | Command::Serve(_) => unreachable!("not a client command"),
+        Command::Instance { command, endpoint } => {
+            instance_cli::instance(endpoint.resolve(top), command)
+        }
+        Command::Console { args, endpoint } => console::console(endpoint.resolve(top), args),
+        Command::Logs { args, endpoint } => logs::logs(endpoint.resolve(top), args),
+        Command::Events { args, endpoint } => logs::events(endpoint.resolve(top), args),
+        Command::Operation { command, endpoint } => {
+            operation_cli::operation(endpoint.resolve(top), command)
+        }
+        Command::Disk { command, endpoint } => disk_cli::disk(endpoint.resolve(top), command),
+        Command::Image { command, endpoint } => disk_cli::image(endpoint.resolve(top), command),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Man => docs::man(),
     }
 }

@@ -13,9 +13,10 @@ use crate::run::PROBE_GUEST;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Unix socket to serve the API on (mode 0660; a stale socket is replaced).
-    #[arg(long, value_name = "PATH", default_value = "/run/kiln/kiln.sock")]
-    socket: PathBuf,
+    /// Unix socket to serve the API on (mode 0660; a stale socket is replaced)
+    /// [env: KILN_SOCKET] [default: /run/kiln/kiln.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Where instance definitions are kept.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/kiln")]
     state_dir: PathBuf,
@@ -28,9 +29,17 @@ pub struct ServeArgs {
     /// A directory images may be registered from by path (`POST /v1/images`); repeatable.
     #[arg(long = "image-dir", value_name = "DIR")]
     image_dirs: Vec<PathBuf>,
+    /// How log lines are written: text (plain when stderr is not a terminal), or json (one
+    /// object per line, for log shippers). `KILN_LOG` sets the level (info by default).
+    #[arg(long, value_enum, default_value_t)]
+    log_format: crate::logging::LogFormat,
 }
 
-pub fn serve(args: ServeArgs) -> i32 {
+/// Runs `kiln serve`; `socket` is where to serve when `--socket` is not given. Returns the
+/// exit status.
+pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
+    crate::logging::init_daemon(args.log_format);
+    let socket = args.socket.take().unwrap_or(socket);
     if args.listen.is_some() && args.token_file.is_none() {
         eprintln!("kiln: --listen needs --token-file FILE (TCP is never served without a token)");
         return 2;
@@ -61,7 +70,7 @@ pub fn serve(args: ServeArgs) -> i32 {
             ),
             _ => None,
         };
-        let unix = api::UnixServer::bind(&args.socket)
+        let unix = api::UnixServer::bind(&socket)
             .await
             .map_err(|e| e.to_string())?;
         Ok::<_, String>((unix, tcp))
@@ -112,12 +121,16 @@ pub fn serve(args: ServeArgs) -> i32 {
         let shutdown = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        tracing::info!("serving on {}", args.socket.display());
+        crate::logging::started(
+            &socket,
+            tcp.as_ref().map(|t| t.local_addr()),
+            &args.state_dir,
+            &state,
+        );
         let mut tasks = vec![tokio::spawn(
             unix.serve(api::router(state.clone()), shutdown(stop_rx.clone())),
         )];
         if let Some(tcp) = tcp {
-            tracing::info!("serving on TCP {}", tcp.local_addr());
             tasks.push(tokio::spawn(
                 tcp.serve(api::router(state), shutdown(stop_rx)),
             ));

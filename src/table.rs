@@ -5,7 +5,7 @@ use serde_json::Value;
 /// Prints rows under a header, each column as wide as its widest cell. Columns whose header
 /// starts with `>` are right-aligned (the `>` is not printed).
 pub fn print(header: &[&str], rows: &[Vec<String>]) {
-    print!("{}", render(header, rows));
+    crate::endpoint::out(&render(header, rows));
 }
 
 fn render(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -100,6 +100,88 @@ pub fn instances(list: &[Value]) {
         })
         .collect();
     print(&["NAME", "STATE", ">VCPUS", ">MEMORY", "ID"], &rows);
+}
+
+/// One instance in detail, a field per line: what `kiln instance show` prints.
+pub fn instance_detail(i: &client::wire::Instance) {
+    let v = serde_json::to_value(i).unwrap_or_default();
+    let disks: Vec<String> = i
+        .disks
+        .iter()
+        .map(|d| {
+            format!(
+                "{}{}",
+                d.disk,
+                if d.read_only { " (read-only)" } else { "" }
+            )
+        })
+        .collect();
+    let nics: Vec<String> = i
+        .network_interfaces
+        .iter()
+        .map(|n| {
+            let mac = serde_json::to_value(n.mac).unwrap_or_default();
+            format!("{} on {} ({})", n.name, n.host_tap, text(&mac))
+        })
+        .collect();
+    let rows: Vec<(&str, String)> = vec![
+        ("name", i.name.clone()),
+        ("id", i.id.to_string()),
+        ("state", text(&v["state"])),
+        ("state_reason", text(&v["state_reason"])),
+        ("description", text(&v["description"])),
+        ("vcpus", i.vcpus.to_string()),
+        ("memory", size(&v["memory"])),
+        ("kernel", i.boot.kernel.clone()),
+        ("initrd", text(&v["boot"]["initrd"])),
+        ("cmdline", text(&v["boot"]["cmdline"])),
+        ("disks", list(disks)),
+        ("nics", list(nics)),
+        ("auto_start", i.auto_start.to_string()),
+        ("started_at", text(&v["started_at"])),
+        ("created_at", i.created_at.clone()),
+        ("updated_at", i.updated_at.clone()),
+        ("generation", i.generation.to_string()),
+    ];
+    let mut out = String::new();
+    for (k, val) in rows {
+        out.push_str(&format!("{:<13} {val}\n", format!("{k}:")));
+    }
+    crate::endpoint::out(&out);
+}
+
+fn list(items: Vec<String>) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Operations: id, kind, state, resource, when it was last updated, and the error or detail.
+pub fn operations(list: &[Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|o| {
+            let note = if o["error"].is_string() {
+                &o["error"]
+            } else {
+                &o["detail"]
+            };
+            vec![
+                text(&o["id"]),
+                text(&o["kind"]),
+                text(&o["state"]),
+                text(&o["resource"]),
+                text(&o["updated_at"]),
+                text(note),
+            ]
+        })
+        .collect();
+    print(
+        &["ID", "KIND", "STATE", "RESOURCE", "UPDATED", "NOTE"],
+        &rows,
+    );
 }
 
 /// Disks: name, size, format, what it is attached to, space used on the host, id.
