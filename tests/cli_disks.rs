@@ -144,13 +144,9 @@ fn disks_are_created_listed_attached_grown_and_deleted() {
     let q = json(
         &s,
         &[
-            "disk",
-            "create",
-            "scratch",
-            "--size",
-            "1073741824",
-            "--format",
-            "qcow2",
+            "disk", "create", "scratch", "--size",
+            // A bare number is MiB, as everywhere in the CLI.
+            "1024", "--format", "qcow2",
         ],
     );
     assert_eq!(
