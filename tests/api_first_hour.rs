@@ -203,3 +203,51 @@ fn patch_changes_boot_settings_while_stopped_and_vcpus_are_bounded_by_the_host()
     let (st, v) = s.json(Method::PATCH, "/v1/instances/p1", json!({"vcpus": cpus}));
     assert_eq!(st, 200, "{v}");
 }
+
+#[test]
+fn if_none_match_gives_304_until_the_answer_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    create(&s, "c1", "console=ttyS0 probe=wait-powerbutton");
+    let (st, h, _) = s.call(Method::GET, "/v1/instances/c1", "");
+    assert_eq!(st, 200);
+    let tag = h["etag"].to_str().unwrap().to_string();
+    let (st, h2, body) = s.request(
+        Method::GET,
+        "/v1/instances/c1",
+        "",
+        &[("if-none-match", &tag)],
+        vec![],
+    );
+    assert_eq!(st, 304, "{}", String::from_utf8_lossy(&body));
+    assert!(body.is_empty());
+    assert_eq!(h2["etag"].to_str().unwrap(), tag);
+    // The state changes without a new definition: the tag changes with it.
+    assert_eq!(action(&s, "c1", json!({"action": "start"})).0, 200);
+    let (st, h3, _) = s.request(
+        Method::GET,
+        "/v1/instances/c1",
+        "",
+        &[("if-none-match", &tag)],
+        vec![],
+    );
+    assert_eq!(st, 200);
+    let running = h3["etag"].to_str().unwrap().to_string();
+    assert_ne!(running, tag);
+    // The GET's tag still guards a change (If-Match reads the definition's revision in it).
+    let (st, _, v) = s.json_with(
+        Method::PATCH,
+        "/v1/instances/c1",
+        json!({"description": "web"}),
+        &[("if-match", &running)],
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, _, v) = s.json_with(
+        Method::PATCH,
+        "/v1/instances/c1",
+        json!({"description": "web"}),
+        &[("if-match", &running)],
+    );
+    assert_eq!(st, 412, "{v}");
+    assert_eq!(action(&s, "c1", json!({"action": "stop"})).0, 200);
+}

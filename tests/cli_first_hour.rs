@@ -393,3 +393,49 @@ fn a_socket_the_user_may_not_open_is_named_with_its_owner_and_mode() {
     );
     assert!(!err.contains("is `kiln serve` running"), "{err}");
 }
+
+#[test]
+fn a_tap_kiln_created_goes_with_the_vm() {
+    common::require_kvm();
+    // In a network namespace of the test's own (`unshare -n`, root), a `kiln serve` whose
+    // instance has a NIC on a TAP that does not exist yet: Kiln creates it at start; it is
+    // gone once the VM stops, and stays gone after the delete.
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+        set -eu
+        ip link set lo up
+        kiln serve --state-dir "$DIR/state" 2>"$DIR/serve.log" &
+        serve=$!
+        trap 'kill $serve; wait $serve' EXIT
+        for _ in $(seq 100); do [ -S "$KILN_SOCKET" ] && break; sleep 0.05; done
+        kiln instance create t1 --tap kilntest0 --cmdline "console=ttyS0 probe=hlt" --start >/dev/null
+        ip link show kilntest0 >/dev/null && echo "running: present"
+        kiln instance stop t1 --force >/dev/null
+        ip link show kilntest0 >/dev/null 2>&1 || echo "stopped: absent"
+        kiln instance delete t1
+        ip link show kilntest0 >/dev/null 2>&1 || echo "deleted: absent"
+    "#;
+    let o = Command::new("unshare")
+        .args(["-n", "bash", "-c", script])
+        .env("DIR", dir.path())
+        .env("KILN_SOCKET", dir.path().join("kiln.sock"))
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+                Path::new(env!("CARGO_BIN_EXE_kiln"))
+                    .parent()
+                    .unwrap()
+                    .display()
+            ),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(
+        out, "running: present\nstopped: absent\ndeleted: absent\n",
+        "{err}"
+    );
+}

@@ -22,6 +22,7 @@
 
 pub mod api_version;
 pub mod auth;
+mod conditional;
 pub mod console;
 mod disks;
 pub mod error;

@@ -136,6 +136,42 @@ impl Contract {
         );
     }
 
+    /// What a GET with an `ETag` shares: `If-None-Match` and its 304 (`crate::conditional`).
+    fn conditional(op: &mut Operation) {
+        let tagged = matches!(op.responses.responses.get("200"),
+            Some(RefOr::T(r)) if r.headers.keys().any(|h| h.eq_ignore_ascii_case("etag")));
+        if !tagged {
+            return;
+        }
+        op.parameters.get_or_insert_with(Vec::new).push(
+            ParameterBuilder::new()
+                .name(header::IF_NONE_MATCH.as_str())
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(
+                    "An `ETag` this GET answered before: 304 without a body while the answer \
+                     is still the same",
+                ))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .build()
+                .into(),
+        );
+        op.responses.responses.insert(
+            "304".to_string(),
+            ResponseBuilder::new()
+                .description("Not modified: the answer is still the one `If-None-Match` names")
+                .header(
+                    "ETag",
+                    HeaderBuilder::new()
+                        .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                        .description(Some("The same entity tag"))
+                        .build(),
+                )
+                .build()
+                .into(),
+        );
+    }
+
     fn operation(op: &mut Operation) {
         let params = op.parameters.get_or_insert_with(Vec::new);
         params.push(
@@ -239,6 +275,9 @@ impl Modify for Contract {
         for item in openapi.paths.paths.values_mut() {
             if let Some(op) = &mut item.patch {
                 Self::patch(op);
+            }
+            if let Some(op) = &mut item.get {
+                Self::conditional(op);
             }
             let ops = [
                 &mut item.get,

@@ -52,6 +52,8 @@ pub fn if_match(headers: &HeaderMap) -> Option<Revision> {
         .and_then(|t| t.strip_suffix('"'))
         .and_then(|t| t.split_once('-'))
         .and_then(|(id, generation)| {
+            // A GET's tag has the body's hash after a dot (crate::conditional).
+            let generation = generation.split('.').next().unwrap_or(generation);
             Some(Revision {
                 id: Uuid::try_parse(id).ok()?,
                 generation: generation.parse().ok()?,
@@ -77,6 +79,9 @@ mod tests {
         assert_eq!(if_match(&h), None);
         h.insert(header::IF_MATCH, etag(rev).parse().unwrap());
         assert_eq!(if_match(&h), Some(rev));
+        let of_a_get = format!("{}.00ff00ff00ff00ff\"", etag(rev).trim_end_matches('"'));
+        h.insert(header::IF_MATCH, of_a_get.parse().unwrap());
+        assert_eq!(if_match(&h), Some(rev), "the revision in a GET's tag");
         h.insert(header::IF_MATCH, "*".parse().unwrap());
         assert_eq!(if_match(&h), None);
         h.insert(header::IF_MATCH, "\"junk\"".parse().unwrap());

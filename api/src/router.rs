@@ -16,8 +16,8 @@ use crate::json::JSON_BODY_LIMIT;
 use crate::metrics::Metrics;
 use crate::server_info::ServerInfo;
 use crate::{
-    api_version, console, disks, error_shape, events, images, instances, metrics, openapi,
-    operations, request_id, server_info,
+    api_version, conditional, console, disks, error_shape, events, images, instances, metrics,
+    openapi, operations, request_id, server_info,
 };
 
 /// What every handler can reach. Cheap to clone.
@@ -136,6 +136,7 @@ impl ApiRouter {
             .layer(from_fn_with_state(state.metrics.clone(), metrics::record))
             .layer(from_fn(error_shape::normalize))
             .layer(from_fn(api_version::check))
+            .layer(from_fn(conditional::not_modified))
             .layer(CatchPanicLayer::custom(error_shape::panic_response))
             .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT));
         self.router
