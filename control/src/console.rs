@@ -59,6 +59,8 @@ pub struct ConsoleRing {
     ring: Arc<Mutex<Ring>>,
     /// The end offset, for readers waiting for more.
     end: Arc<watch::Sender<u64>>,
+    /// Set when the instance is deleted: waiting readers are woken and no longer wait.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for ConsoleRing {
@@ -66,6 +68,7 @@ impl Default for ConsoleRing {
         Self {
             ring: Arc::default(),
             end: Arc::new(watch::channel(0).0),
+            closed: Arc::default(),
         }
     }
 }
@@ -117,10 +120,19 @@ impl ConsoleRing {
         self.read_from(end.saturating_sub(n))
     }
 
-    /// Waits until there are bytes past `offset`, at most `timeout`; returns the end then.
+    /// Ends the history (its instance was deleted): readers waiting for more are woken, and
+    /// none waits from now on.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.end.send_modify(|_| {});
+    }
+
+    /// Waits until there are bytes past `offset`, at most `timeout` (not at all once the
+    /// history is closed); returns the end then.
     pub async fn wait_beyond(&self, offset: u64, timeout: Duration) -> u64 {
         let mut rx = self.end.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|end| *end > offset)).await;
+        let closed = || self.closed.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|end| *end > offset || closed())).await;
         let end = *rx.borrow();
         end
     }

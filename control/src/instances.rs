@@ -465,6 +465,7 @@ impl Manager {
                     lock(&self.slots).remove(&id);
                     drop(cat);
                     slot.join();
+                    slot.console.close();
                     let _ = std::fs::remove_file(self.store.console_file(id));
                     self.events
                         .push(Subject::InstanceState(id), "deleted", None);
