@@ -36,7 +36,7 @@ pub async fn wait_all(
         return Ok(ops);
     }
     let names: Vec<&str> = ops.iter().map(|(n, _)| n.as_str()).collect();
-    let pb = spinner(format!("{what} {}", names.join(", ")));
+    let pb = spinner(format!("{}: {what}", names.join(", ")));
     let mut done = Vec::with_capacity(ops.len());
     for (name, mut op) in ops {
         while !is_done(op.state) {

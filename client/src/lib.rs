@@ -1,4 +1,4 @@
-//! The typed client of Kiln's REST API (`shared/design/API.md`, and the OpenAPI document the
+//! The typed client of Kiln's REST API (`docs/API.md`, rendered from the OpenAPI document the
 //! server serves at `/v1/openapi.json`): the one HTTP client of the workspace. The CLI, the
 //! integration tests and the benches all talk to `kiln serve` through it.
 //!
