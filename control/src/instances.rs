@@ -569,8 +569,9 @@ impl Manager {
                 join(slot).await
             }
             Action::Reboot if req.force => {
+                let before = slot.boots();
                 handle()?.reset().map_err(|e| e.to_string())?;
-                slot.wait_running(START_TIMEOUT).await
+                slot.wait_booted_after(before, START_TIMEOUT).await
             }
             Action::Reboot => {
                 // A graceful reboot: the guest shuts down on the power button, then boots again.
@@ -586,8 +587,9 @@ impl Manager {
                 self.start_vm(slot).await
             }
             Action::Reset => {
+                let before = slot.boots();
                 handle()?.reset().map_err(|e| e.to_string())?;
-                slot.wait_running(START_TIMEOUT).await
+                slot.wait_booted_after(before, START_TIMEOUT).await
             }
             Action::Pause => {
                 let h = handle()?;

@@ -62,6 +62,8 @@ pub(crate) struct Slot {
     /// Serial output, kept across runs.
     pub console: ConsoleRing,
     events: Arc<EventLog>,
+    /// Boots of the guest so far (first boots and reboots in place), for waiting on a reset.
+    boots: std::sync::atomic::AtomicU64,
 }
 
 impl Slot {
@@ -78,6 +80,7 @@ impl Slot {
             vm: Mutex::default(),
             console: ConsoleRing::default(),
             events,
+            boots: Default::default(),
         })
     }
 
@@ -158,6 +161,34 @@ impl Slot {
         }
     }
 
+    /// Boots of the guest so far.
+    pub fn boots(&self) -> u64 {
+        self.boots.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until the guest has booted again after boot number `before` and runs, at most
+    /// `timeout` (a reset returns before the VM has acted on it).
+    pub async fn wait_booted_after(&self, before: u64, timeout: Duration) -> Result<(), String> {
+        let mut rx = self.status.subscribe();
+        let done = |s: &Status| {
+            let settled = !matches!(
+                s.state,
+                InstanceState::Running | InstanceState::Rebooting | InstanceState::Starting
+            );
+            settled || (self.boots() > before && s.state == InstanceState::Running)
+        };
+        let _ = tokio::time::timeout(timeout, rx.wait_for(done)).await;
+        let status = rx.borrow().clone();
+        match status.state {
+            InstanceState::Running if self.boots() > before => Ok(()),
+            InstanceState::Running | InstanceState::Rebooting => Err(format!(
+                "the guest did not boot again within {} s",
+                timeout.as_secs()
+            )),
+            s => Err(status.reason.unwrap_or_else(|| format!("instance is {s}"))),
+        }
+    }
+
     /// A handle on the VM, while there is one.
     pub fn handle(&self) -> Option<VmHandle> {
         lock(&self.vm).handle.clone()
@@ -193,6 +224,7 @@ impl Slot {
             let Some(slot) = slot.upgrade() else { return };
             match ev {
                 VmEvent::Booted { .. } => {
+                    slot.boots.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     slot.status.send_modify(|s| {
                         s.started_at.get_or_insert_with(crate::model::now);
                     });
