@@ -232,8 +232,8 @@ impl Client {
         self.list("/v1/operations").await
     }
 
-    /// The recent operations on one instance (name or id), oldest first; at most `limit` of
-    /// them (the first page) when given.
+    /// The recent operations, oldest first: only those on `instance` (name or id) when
+    /// given; only the first `limit` of them when given, else every page.
     pub async fn operation_list_of(
         &self,
         instance: Option<&str>,
@@ -243,17 +243,13 @@ impl Client {
         if let Some(i) = instance {
             query.push(format!("instance={}", escape(i)));
         }
-        if let Some(l) = limit {
-            query.push(format!("limit={l}"));
-        }
-        if limit.is_some() {
-            return self
-                .get(&format!("/v1/operations?{}", query.join("&")))
-                .await;
-        }
-        match query.is_empty() {
-            true => self.list("/v1/operations").await,
-            false => self.list_query("/v1/operations", &query.join("&")).await,
+        match limit {
+            Some(l) => {
+                query.push(format!("limit={l}"));
+                self.get(&format!("/v1/operations?{}", query.join("&")))
+                    .await
+            }
+            None => self.list_query("/v1/operations", &query.join("&")).await,
         }
     }
 
