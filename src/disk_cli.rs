@@ -162,10 +162,12 @@ pub enum ImageCommand {
         /// Name or id.
         name: String,
     },
-    /// Delete an image.
+    /// Delete images.
+    #[command(visible_alias = "rm")]
     Delete {
-        /// Name or id.
-        name: String,
+        /// Names or ids.
+        #[arg(required = true)]
+        names: Vec<String>,
     },
 }
 
@@ -303,7 +305,15 @@ async fn image_command(ep: &Endpoint, c: &client::Client, cmd: ImageCommand) -> 
         }
         ImageCommand::List => ep.show(&c.image_list().await?, table::images),
         ImageCommand::Show { name } => ep.show(&c.image_get(&name).await?, table::images),
-        ImageCommand::Delete { name } => c.image_delete(&name).await?,
+        ImageCommand::Delete { names } => {
+            let mut failed = Vec::new();
+            for n in &names {
+                if let Err(e) = c.image_delete(n).await {
+                    failed.push(named(n, e)?);
+                }
+            }
+            fail_if(failed)?
+        }
     }
     Ok(())
 }
