@@ -554,10 +554,16 @@ impl Manager {
                     h.stop();
                 } else {
                     h.resume();
-                    let _ = h.press_power_button();
-                    let status = slot
-                        .wait_while(req.timeout, |s| s == InstanceState::Stopping)
-                        .await;
+                    // Between two boots (a guest backed off after resetting in a loop) no
+                    // guest can be asked: stop at once.
+                    let asked = h.press_power_button().is_ok();
+                    let status = match asked {
+                        true => {
+                            slot.wait_while(req.timeout, |s| s == InstanceState::Stopping)
+                                .await
+                        }
+                        false => slot.status(),
+                    };
                     if status.state == InstanceState::Stopping {
                         let why = forced_stop_reason(req.timeout);
                         tracing::info!(instance = %slot.id(), "{why}");

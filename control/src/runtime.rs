@@ -233,6 +233,17 @@ impl Slot {
                 VmEvent::Rebooting { reason } => {
                     slot.report(VmReport::Resetting, Some(reason.into()))
                 }
+                VmEvent::BackingOff { delay, resets } => {
+                    let state = slot.state();
+                    slot.set(
+                        state,
+                        Some(format!(
+                            "back-off: the guest reset {resets} times in a row soon after \
+                             booting; next boot in {} ms",
+                            delay.as_millis()
+                        )),
+                    );
+                }
             }
         }));
         {

@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod config;
 mod event_loop;
 pub mod host;

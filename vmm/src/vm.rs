@@ -351,6 +351,14 @@ pub enum VmEvent {
         /// What reset it.
         reason: &'static str,
     },
+    /// The guest keeps resetting soon after it boots: the next boot waits (see
+    /// [`crate::backoff`]).
+    BackingOff {
+        /// How long the next boot waits.
+        delay: Duration,
+        /// Quick resets in a row so far.
+        resets: u32,
+    },
 }
 
 /// Receives a VM's [`VmEvent`]s, on the thread that runs the VM.
@@ -397,6 +405,18 @@ impl Vm {
         }
     }
 
+    /// Sleeps for `delay`, or less when the VM is stopped meanwhile.
+    fn wait_unless_stopped(&self, delay: Duration) {
+        let end = std::time::Instant::now() + delay;
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
+    }
+
     /// A handle to stop the VM from another thread.
     pub fn handle(&self) -> VmHandle {
         VmHandle(self.shared.clone())
@@ -406,6 +426,7 @@ impl Vm {
     /// (i8042, the ACPI reset register, a triple fault) re-boots it in place: fresh memory,
     /// kernel reloaded, vCPUs reset; console and NVRAM kept.
     pub fn run(&mut self) -> Result<Exit, VmError> {
+        let mut backoff = crate::backoff::ResetBackoff::default();
         loop {
             let control = Arc::new(BootControl::new(self.shared.gate.clone()));
             *lock(&self.shared.current) = Some(control.clone());
@@ -424,6 +445,7 @@ impl Vm {
                 }
             };
             self.notify(VmEvent::Booted { boot });
+            let booted_at = std::time::Instant::now();
             let outcome = control.wait();
             machine.stop();
             *lock(&self.shared.current) = None;
@@ -436,6 +458,14 @@ impl Vm {
                 Outcome::Reset(how) => {
                     tracing::info!("guest reset ({how}): rebooting in place");
                     self.notify(VmEvent::Rebooting { reason: how });
+                    if let (Some(delay), resets) = backoff.record(booted_at.elapsed()) {
+                        tracing::warn!(
+                            "the guest reset {resets} times in a row soon after booting: \
+                             next boot in {delay:?}"
+                        );
+                        self.notify(VmEvent::BackingOff { delay, resets });
+                        self.wait_unless_stopped(delay);
+                    }
                 }
             }
         }

@@ -1,0 +1,178 @@
+//! `kiln serve` against a hostile guest and hostile clients (issue 10): nothing a guest or a
+//! client does grows the daemon's fds or threads for good; a guest that resets in a loop is
+//! backed off; a start racing a forced delete leaves no VM behind.
+
+mod common;
+
+use common::server::{action, Server};
+
+use std::time::{Duration, Instant};
+
+use client::Method;
+use serde_json::{json, Value};
+
+/// Open fds and threads of a process.
+fn fds_and_threads(pid: u32) -> (usize, usize) {
+    let count = |what: &str| {
+        std::fs::read_dir(format!("/proc/{pid}/{what}"))
+            .unwrap()
+            .count()
+    };
+    (count("fd"), count("task"))
+}
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+/// Polls `f` until it is true, at most `limit`.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn create(s: &Server, name: &str, probe: &str, start: bool) -> Value {
+    let body = json!({"name": name, "vcpus": 1, "memory": "32MiB", "start": start,
+        "boot": {"kernel": "kiln-probe", "cmdline": format!("console=ttyS0 probe={probe}")}});
+    let (st, v) = s.json(Method::POST, "/v1/instances", body);
+    assert_eq!(st, 201, "{v}");
+    v
+}
+
+fn get(s: &Server, name: &str) -> Value {
+    s.json(Method::GET, &format!("/v1/instances/{name}"), Value::Null)
+        .1
+}
+
+#[test]
+fn lifecycles_and_a_rebooting_guest_leave_no_fds_or_threads_behind() {
+    let lifecycles: usize = std::env::var("KILN_HOSTILE_LIFECYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let pid = s.child.id();
+    let (st, _) = s.json(Method::GET, "/v1/instances", Value::Null);
+    assert_eq!(st, 200);
+    let before = fds_and_threads(pid);
+
+    // A guest that resets itself in a loop, for the whole run.
+    let t0 = Instant::now();
+    create(&s, "looper", "reboot", true);
+    for i in 0..lifecycles {
+        let name = format!("life-{i}");
+        create(&s, &name, "hlt", true);
+        assert!(s.wait_state(&name, "running"), "{}", get(&s, &name));
+        let (st, v) = action(&s, &name, json!({"action": "stop", "force": true}));
+        assert_eq!((st, v["state"].as_str()), (200, Some("stopped")), "{v}");
+        let (st, _, body) = s.call(Method::DELETE, &format!("/v1/instances/{name}"), "");
+        assert_eq!(st, 204, "{body}");
+    }
+    // The looping guest keeps going for 20 s at least.
+    while t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let looper = get(&s, "looper");
+    let reboots = s.console("looper").matches("PROBE-OK reboot").count();
+    // Unchecked, the probe resets ~30 times a second; backed off, a dozen times in 20 s.
+    assert!(
+        (6..30).contains(&reboots),
+        "{reboots} reboots in {:?}",
+        t0.elapsed()
+    );
+    let reason = looper["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("back-off"), "{looper}");
+    // The back-off is an event too.
+    let events = s.block_on(async {
+        let mut stream = s.client().event_stream(Some(0)).await.unwrap();
+        let mut seen = String::new();
+        let end = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !seen.contains("back-off") {
+            match tokio::time::timeout_at(end, stream.chunk()).await {
+                Ok(Some(Ok(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                _ => break,
+            }
+        }
+        seen
+    });
+    assert!(events.contains("back-off"), "no back-off event");
+    // Deleting it does not wait for the back-off to end.
+    let t = Instant::now();
+    let (st, _, body) = s.call(Method::DELETE, "/v1/instances/looper?force=true", "");
+    assert_eq!(st, 204, "{body}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // Idle blocking threads go after their keep-alive: the daemon ends where it began.
+    let mut after = (0, 0);
+    let settled = eventually(Duration::from_secs(30), || {
+        after = fds_and_threads(pid);
+        after == before
+    });
+    assert!(
+        settled,
+        "(fds, threads) before {before:?}, after {lifecycles} lifecycles and a rebooting guest \
+         {after:?}; threads: {:?}",
+        thread_names(pid)
+    );
+}
+
+#[test]
+fn a_start_racing_a_forced_delete_leaves_no_vm_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let pid = s.child.id();
+    for i in 0..30 {
+        let name = format!("ghost-{i}");
+        create(&s, &name, "hlt", false);
+        let (a, b) = (s.client(), s.client());
+        let path = format!("/v1/instances/{name}");
+        let start = format!("{path}/actions");
+        s.block_on(async {
+            let start = a
+                .request(Method::POST, start)
+                .json(&json!({"action": "start"}))
+                .send();
+            // The delete lands at a different point of the start each time.
+            let delay = Duration::from_micros(700 * (i % 15));
+            let delete = async {
+                tokio::time::sleep(delay).await;
+                b.request(Method::DELETE, format!("{path}?force=true"))
+                    .send()
+                    .await
+            };
+            let (_, d) = tokio::join!(start, delete);
+            let d = d.unwrap();
+            assert_eq!(d.status.as_u16(), 204, "{}", d.text());
+        });
+        let (st, _) = s.json(Method::GET, &path, Value::Null);
+        assert_eq!(st, 404);
+    }
+    let vm_threads = || {
+        thread_names(pid)
+            .into_iter()
+            .filter(|n| n.starts_with("kiln-vm") || n.starts_with("kiln-vcpu"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || vm_threads().is_empty()),
+        "VMs of deleted instances still run: {:?}",
+        vm_threads()
+    );
+    let (_, list) = s.json(Method::GET, "/v1/instances", Value::Null);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+}
