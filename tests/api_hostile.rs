@@ -176,3 +176,102 @@ fn a_start_racing_a_forced_delete_leaves_no_vm_behind() {
     let (_, list) = s.json(Method::GET, "/v1/instances", Value::Null);
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
 }
+
+/// The files of a state subdirectory, sorted.
+fn files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_kill_during_an_import_leaves_nothing_a_restart_does_not_sweep() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path());
+    let (st, disk) = s.json(
+        Method::POST,
+        "/v1/disks",
+        json!({"name": "kept", "size": "1MiB"}),
+    );
+    assert_eq!(st, 201, "{disk}");
+    let disks = s.state_dir.join("disks");
+    let images = s.state_dir.join("images");
+    let kept = files(&disks);
+
+    // An import and an upload, half-sent, when the daemon is killed.
+    let mut streams = Vec::new();
+    for path in [
+        "/v1/disks/import?name=half&format=raw",
+        "/v1/images/upload?name=halfimg&kind=disk",
+    ] {
+        let mut c = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+        write!(
+            c,
+            "POST {path} HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/octet-stream\r\n\
+             Content-Length: {}\r\n\r\n",
+            64 << 20
+        )
+        .unwrap();
+        c.write_all(&vec![0x5a; 4 << 20]).unwrap();
+        streams.push(c);
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || files(&disks).len() > kept.len()),
+        "the import made no file: {:?}",
+        files(&disks)
+    );
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+    drop(streams);
+    // Files no definition names, as a copy or an import killed later would leave them.
+    for f in [
+        disks.join("0badc0de-0000-4000-8000-000000000001.raw"),
+        disks.join("0badc0de-0000-4000-8000-000000000002.qcow2"),
+        images.join("0badc0de-0000-4000-8000-000000000003.img"),
+    ] {
+        std::fs::write(f, b"torn").unwrap();
+    }
+    drop(s);
+
+    let s = Server::start(dir.path());
+    let (st, list) = s.json(Method::GET, "/v1/disks", Value::Null);
+    assert_eq!(st, 200);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(
+        files(&disks),
+        kept,
+        "the state directory holds what definitions name"
+    );
+    let only_defs = files(&images).iter().all(|f| f.ends_with(".json"));
+    assert!(only_defs, "{:?}", files(&images));
+}
+
+#[test]
+fn a_second_daemon_on_one_state_directory_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let out = common::kiln()
+        .args(["serve", "--socket"])
+        .arg(dir.path().join("other.sock"))
+        .arg("--state-dir")
+        .arg(&s.state_dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in use by another kiln serve")
+            && stderr.contains(&s.child.id().to_string()),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("other.sock").exists());
+    // The first one still answers.
+    let (st, _) = s.json(Method::GET, "/v1/instances", Value::Null);
+    assert_eq!(st, 200);
+}

@@ -125,6 +125,14 @@ impl Manager {
                 }
             })
             .collect();
+        let mut named: Vec<PathBuf> = disks.iter().map(|d| store.disk_file(d)).collect();
+        for i in &all_images {
+            named.extend(i.path.clone());
+            if i.uploaded {
+                named.push(store.upload_file(i.id));
+            }
+        }
+        store.sweep_orphans(&named);
         let events = Arc::new(EventLog::default());
         for (id, name) in instances
             .iter()

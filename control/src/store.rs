@@ -49,6 +49,43 @@ impl Record for Image {
 pub(crate) struct Store {
     /// The state directory, resolved.
     root: PathBuf,
+    /// `<state>/lock`, locked (`flock`, exclusive) while this store lives: one daemon per
+    /// state directory.
+    _lock: File,
+}
+
+/// The lock file in the state directory.
+const LOCK: &str = "lock";
+
+/// Takes the state directory's lock (kept until the file is closed), writing our pid in it
+/// for the message another daemon gets.
+fn lock_state_dir(root: &Path) -> std::io::Result<File> {
+    use rustix::fs::{flock, FlockOperation};
+    let path = root.join(LOCK);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    if let Err(e) = flock(&f, FlockOperation::NonBlockingLockExclusive) {
+        if e == rustix::io::Errno::WOULDBLOCK {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let by = match holder.is_empty() {
+                true => String::new(),
+                false => format!(" (pid {holder})"),
+            };
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ResourceBusy,
+                format!("in use by another kiln serve{by}: one state directory, one daemon"),
+            ));
+        }
+        return Err(e.into());
+    }
+    f.set_len(0)?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 impl Store {
@@ -59,8 +96,10 @@ impl Store {
         for dir in [InstanceDef::DIR, DiskDef::DIR, Image::DIR] {
             fs::create_dir_all(state_dir.join(dir))?;
         }
+        let root = state_dir.canonicalize()?;
         let store = Self {
-            root: state_dir.canonicalize()?,
+            _lock: lock_state_dir(&root)?,
+            root,
         };
         for dir in [InstanceDef::DIR, DiskDef::DIR, Image::DIR] {
             sweep_leftovers(&store.root.join(dir));
@@ -136,6 +175,37 @@ impl Store {
         }
         out.sort_by(|a, b| created_at(a).cmp(created_at(b)));
         Ok(out)
+    }
+}
+
+impl Store {
+    /// Removes every file of `<state>/disks` and `<state>/images` that no definition names:
+    /// what a killed daemon left of a disk copy or an import, or of an upload, before its
+    /// definition was saved. `keep` are the files the definitions name (their paths).
+    /// Definitions themselves (`.json`) are never removed here.
+    pub fn sweep_orphans(&self, keep: &[PathBuf]) {
+        for dir in [self.disks_dir(), self.images_dir()] {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                let is_file = e.file_type().is_ok_and(|t| t.is_file() || t.is_symlink());
+                if !is_file || path.extension().is_some_and(|x| x == "json") {
+                    continue;
+                }
+                if keep.contains(&path) {
+                    continue;
+                }
+                tracing::warn!(
+                    "removing {}: no definition names it (left by a daemon that was killed)",
+                    path.display()
+                );
+                if let Err(err) = fs::remove_file(&path) {
+                    tracing::warn!("cannot remove {}: {err}", path.display());
+                }
+            }
+        }
     }
 }
 
@@ -215,7 +285,41 @@ mod tests {
 
         let leftover = store.disks_dir().join(".x.1234.import");
         std::fs::write(&leftover, b"half").unwrap();
+        drop(store);
         Store::open(dir.path()).unwrap();
         assert!(!leftover.exists());
+    }
+
+    #[test]
+    fn one_store_per_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("a second store is refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("in use by another kiln serve")
+                && msg.contains(&std::process::id().to_string()),
+            "{msg}"
+        );
+        drop(store);
+        Store::open(dir.path()).expect("free again once the first is gone");
+    }
+
+    #[test]
+    fn orphans_are_swept_and_named_files_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let named = store.disks_dir().join(format!("{}.raw", Uuid::new_v4()));
+        let orphan = store.disks_dir().join(format!("{}.qcow2", Uuid::new_v4()));
+        let upload = store.images_dir().join(format!("{}.img", Uuid::new_v4()));
+        let def = store.images_dir().join(format!("{}.json", Uuid::new_v4()));
+        for f in [&named, &orphan, &upload, &def] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        store.sweep_orphans(std::slice::from_ref(&named));
+        assert!(named.exists() && def.exists());
+        assert!(!orphan.exists() && !upload.exists());
     }
 }
