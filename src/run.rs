@@ -229,7 +229,7 @@ fn explain(e: &vmm::VmError) -> String {
                 C::TooLittleMemory(_) | C::TooMuchMemory(..) => "--memory",
                 C::KernelFile(..) | C::NotAKernel(_) => "--kernel",
                 C::InitrdFile(..) => "--initrd",
-                C::CmdlineTooLong(_) => "--cmdline",
+                C::CmdlineTooLong(_) | C::CmdlineChars(_) => "--cmdline",
                 C::Disk { .. } => "--disk",
                 C::Net { .. } => "--net",
                 C::TooManyDevices(_) => "--disk/--net",

@@ -275,3 +275,73 @@ fn a_second_daemon_on_one_state_directory_refuses_to_start() {
     let (st, _) = s.json(Method::GET, "/v1/instances", Value::Null);
     assert_eq!(st, 200);
 }
+
+/// Asserts a 400 `invalid_value` whose message names `field`.
+fn assert_invalid(st: u16, v: &Value, field: &str) {
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_value", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(field), "the message names {field}: {v}");
+}
+
+#[test]
+fn definitions_that_cannot_start_and_disks_over_the_limit_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let instance = |cmdline: &str, tap: Option<&str>| {
+        let mut body = json!({"name": "bad", "vcpus": 1, "memory": "32MiB",
+            "boot": {"kernel": "kiln-probe", "cmdline": cmdline}});
+        if let Some(tap) = tap {
+            body["network_interfaces"] = json!([{"host_tap": tap}]);
+        }
+        s.json(Method::POST, "/v1/instances", body)
+    };
+    let (st, v) = instance("console=ttyS0\u{0}probe=hlt", None);
+    assert_invalid(st, &v, "boot.cmdline");
+    let (st, v) = instance(&"x".repeat(100_000), None);
+    assert_invalid(st, &v, "boot.cmdline");
+    for tap in ["lo", "..", "%d", "tap%d", "a/b", ""] {
+        let (st, v) = instance("console=ttyS0", Some(tap));
+        assert_invalid(st, &v, "network_interfaces[0].host_tap");
+    }
+    // Nothing was made.
+    let (_, list) = s.json(Method::GET, "/v1/instances", Value::Null);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+
+    // A disk of 64 TiB is either made or refused as more than the host holds, never a 500;
+    // past 64 TiB it is refused as invalid.
+    let (st, v) = s.json(
+        Method::POST,
+        "/v1/disks",
+        json!({"name": "huge", "size": "64TiB"}),
+    );
+    assert!(st == 201 || st == 413, "{st} {v}");
+    let (st, v) = s.json(
+        Method::POST,
+        "/v1/disks",
+        json!({"name": "huger", "size": "100TiB"}),
+    );
+    assert_invalid(st, &v, "size");
+    // A qcow2 stream whose header claims 100 TiB: refused from its header.
+    let mut header = vec![0u8; 4096];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    header[4..8].copy_from_slice(&3u32.to_be_bytes());
+    header[20..24].copy_from_slice(&16u32.to_be_bytes());
+    header[24..32].copy_from_slice(&(100u64 << 40).to_be_bytes());
+    let (st, _, body) = s.request(
+        Method::POST,
+        "/v1/disks/import?name=bomb&format=qcow2",
+        "application/octet-stream",
+        &[],
+        header,
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    assert_invalid(st, &v, "64 TiB");
+    let leftovers: Vec<_> = std::fs::read_dir(s.state_dir.join("disks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| !n.to_string_lossy().ends_with(".json"))
+        .collect();
+    assert!(leftovers.len() <= 1, "{leftovers:?}");
+}

@@ -198,3 +198,56 @@ fn tcp_without_a_usable_token_file_refuses_to_start() {
         "nothing listens on {addr}"
     );
 }
+
+/// Writes `request` to `addr` as it is and returns the whole response text.
+fn raw(addr: SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn two_authorization_headers_are_refused_even_when_one_is_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "k1ln-t0ken-two";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _s = Server::start_with(
+        dir.path(),
+        &[
+            "--listen",
+            &addr.to_string(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    wait_listening(addr);
+    for (first, second) in [
+        (format!("Bearer {token}"), "Bearer wrong".to_string()),
+        ("Bearer wrong".to_string(), format!("Bearer {token}")),
+        (format!("Bearer {token}"), format!("Bearer {token}")),
+    ] {
+        let reply = raw(
+            addr,
+            &format!(
+                "GET /v1/instances HTTP/1.1\r\nHost: kiln\r\nAuthorization: {first}\r\n\
+                 Authorization: {second}\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+        assert!(reply.contains("more than one"), "{reply}");
+    }
+    let one = raw(
+        addr,
+        &format!(
+            "GET /v1/instances HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        ),
+    );
+    assert!(one.starts_with("HTTP/1.1 200"), "{one}");
+}

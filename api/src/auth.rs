@@ -102,10 +102,13 @@ pub(crate) async fn require(
     req: Request,
     next: Next,
 ) -> Response {
-    let error = match req.headers().get(header::AUTHORIZATION) {
-        None => ApiError::unauthorized("missing `Authorization: Bearer <token>` header"),
-        Some(value) if token.accepts(value.as_bytes()) => return next.run(req).await,
-        Some(_) => ApiError::unauthorized("invalid bearer token"),
+    let mut presented = req.headers().get_all(header::AUTHORIZATION).iter();
+    let error = match (presented.next(), presented.next()) {
+        (None, _) => ApiError::unauthorized("missing `Authorization: Bearer <token>` header"),
+        // Proxies and servers disagree on which of several to take: refuse them all.
+        (Some(_), Some(_)) => ApiError::unauthorized("more than one `Authorization` header"),
+        (Some(value), None) if token.accepts(value.as_bytes()) => return next.run(req).await,
+        (Some(_), None) => ApiError::unauthorized("invalid bearer token"),
     };
     let id = RequestId::from_headers_or_new(req.headers());
     tracing::info!(request_id = %id, method = %req.method(), path = %req.uri().path(),

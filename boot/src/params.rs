@@ -33,19 +33,24 @@ pub struct BootInfo {
     pub rsdp: u64,
 }
 
+/// Checks the characters of a kernel command line: printable ASCII only (no NUL, no
+/// control characters), the one rule for `kiln run` and instance definitions.
+pub fn check_cmdline_chars(cmdline: &str) -> std::result::Result<(), String> {
+    match cmdline
+        .chars()
+        .find(|c| !c.is_ascii() || c.is_ascii_control())
+    {
+        Some(c) => Err(format!("{c:?} is not allowed: use printable ASCII only")),
+        None => Ok(()),
+    }
+}
+
 /// Checks and writes the kernel command line at [`CMDLINE_ADDR`]; returns its length.
 pub fn write_cmdline<M: GuestMemoryBackend>(mem: &M, cmdline: &str) -> Result<usize> {
     if cmdline.len() > CMDLINE_MAX {
         return Err(Error::CmdlineTooLong(cmdline.len(), CMDLINE_MAX));
     }
-    if let Some(c) = cmdline
-        .chars()
-        .find(|c| !c.is_ascii() || c.is_ascii_control())
-    {
-        return Err(Error::Cmdline(format!(
-            "{c:?} is not allowed: use printable ASCII only"
-        )));
-    }
+    check_cmdline_chars(cmdline).map_err(Error::Cmdline)?;
     let cl =
         Cmdline::try_from(cmdline, CMDLINE_MAX + 1).map_err(|e| Error::Cmdline(e.to_string()))?;
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(|_| Error::GuestWrite("cmdline"))?;

@@ -86,7 +86,7 @@ fn image_error(field: &str, e: images::Error) -> Error {
 
 /// Sizes a disk may have: whole sectors, at least one, at most 64 TiB.
 fn check_size(field: &str, size: u64) -> Result<()> {
-    if size == 0 || !size.is_multiple_of(512) || size > 64 << 40 {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_DISK {
         return Err(invalid(
             field,
             format!(
@@ -95,6 +95,71 @@ fn check_size(field: &str, size: u64) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Largest disk: 64 TiB.
+const MAX_DISK: u64 = 64 << 40;
+
+/// An import stream, refused as soon as it shows a disk over [`MAX_DISK`]: a qcow2 header
+/// whose virtual size is larger (before anything is spooled), or a raw stream that goes on
+/// past it.
+struct LimitedImport<'a> {
+    head: std::io::Cursor<Vec<u8>>,
+    rest: &'a mut dyn Read,
+    read: u64,
+    /// The refusal, when the stream was cut for being too large.
+    over: Option<Error>,
+}
+
+impl<'a> LimitedImport<'a> {
+    fn new(rest: &'a mut dyn Read) -> Result<Self> {
+        let mut head = vec![0; 32];
+        let mut n = 0;
+        while n < head.len() {
+            match rest.read(&mut head[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(invalid("body", format!("reading the stream: {e}"))),
+            }
+        }
+        head.truncate(n);
+        if n == 32 && head[..4] == *b"QFI\xfb" {
+            let size = u64::from_be_bytes(head[24..32].try_into().expect("8 bytes"));
+            if size > MAX_DISK {
+                return Err(invalid(
+                    "body",
+                    format!(
+                        "the qcow2 image's virtual size is {size} bytes; a disk is at most 64 TiB"
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            head: std::io::Cursor::new(head),
+            rest,
+            read: 0,
+            over: None,
+        })
+    }
+}
+
+impl Read for LimitedImport<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = match self.head.read(buf)? {
+            0 => self.rest.read(buf)?,
+            n => n,
+        };
+        self.read += n as u64;
+        if self.read > MAX_DISK {
+            self.over = Some(invalid(
+                "body",
+                "the stream is longer than 64 TiB, the largest disk",
+            ));
+            return Err(std::io::Error::other("the stream is longer than 64 TiB"));
+        }
+        Ok(n)
+    }
 }
 
 fn new_def(
@@ -306,8 +371,13 @@ impl Manager {
         let mut def = new_def(name, "", format, 0, 512, Origin::Import);
         let path = self.store.disk_file(&def);
         let file = FileGuard::new(path.clone());
-        let summary = images::import(body, &path, format, &self.open_options(), &mut |_| {})
-            .map_err(|e| image_error("body", e))?;
+        let mut body = LimitedImport::new(body)?;
+        let summary = images::import(&mut body, &path, format, &self.open_options(), &mut |_| {})
+            .map_err(|e| match body.over.take() {
+            Some(over) => over,
+            None => image_error("body", e),
+        })?;
+        check_size("body", summary.virtual_size)?;
         def.size = summary.virtual_size;
         if def.size == 0 {
             return Err(invalid("body", "the stream is empty"));

@@ -83,7 +83,7 @@ pub(crate) fn config_error(e: ConfigError) -> Error {
         C::TooLittleMemory(_) => "memory".to_string(),
         C::KernelFile(..) | C::NotAKernel(_) => "boot.kernel".to_string(),
         C::InitrdFile(..) => "boot.initrd".to_string(),
-        C::CmdlineTooLong(_) => "boot.cmdline".to_string(),
+        C::CmdlineTooLong(_) | C::CmdlineChars(_) => "boot.cmdline".to_string(),
         C::TooManyDevices(_) => "disks".to_string(),
         C::Disk { index, .. } => format!("disks[{index}]"),
         C::Net { index, .. } => format!("network_interfaces[{index}].host_tap"),

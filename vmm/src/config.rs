@@ -150,6 +150,9 @@ pub enum ConfigError {
     /// The command line is too long.
     #[error("the kernel command line is {0} bytes; at most {CMDLINE_MAX} are allowed")]
     CmdlineTooLong(usize),
+    /// The command line has characters a kernel command line cannot carry.
+    #[error("the kernel command line: {0}")]
+    CmdlineChars(String),
     /// A disk image cannot be used.
     #[error("disk {path}: {reason}")]
     Disk {
@@ -256,6 +259,7 @@ impl VmConfig {
         if cmdline_len > CMDLINE_MAX {
             return Err(ConfigError::CmdlineTooLong(cmdline_len));
         }
+        boot::params::check_cmdline_chars(&self.cmdline).map_err(ConfigError::CmdlineChars)?;
         let devices = self.disks.len() + self.nets.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
@@ -275,7 +279,7 @@ impl VmConfig {
             devices::virtio::block::check_block_size(d.block_size).map_err(disk_error)?;
         }
         for (index, n) in self.nets.iter().enumerate() {
-            devices::virtio::tap::check_name(&n.tap).map_err(|reason| ConfigError::Net {
+            devices::virtio::tap::check_host_tap(&n.tap).map_err(|reason| ConfigError::Net {
                 index,
                 tap: n.tap.clone(),
                 reason,

@@ -27,12 +27,29 @@ pub mod offload {
 /// Length of the virtio-net header on the TAP (virtio 1.x, with `num_buffers`).
 pub const VNET_HDR_LEN: usize = 12;
 
-/// Checks a TAP device name: 1-15 bytes (the kernel's `IFNAMSIZ` less the NUL), no `/`,
-/// spaces or NULs.
+/// Checks a TAP device name: 1-15 bytes (the kernel's `IFNAMSIZ` less the NUL) of ASCII
+/// letters, digits, `-`, `_` and `.`, neither `.` nor `..` (names the kernel refuses or reads
+/// as a path), and no `%` (which the kernel takes as a template, `tap%d`, and would fill in).
 pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 15 || name.contains(['/', '\0', ' ']) {
+    let chars_ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if name.is_empty() || name.len() > 15 || !chars_ok || name == "." || name == ".." {
         return Err(format!(
-            "invalid TAP name {name:?}: 1-15 characters, no '/' or spaces"
+            "invalid TAP name {name:?}: 1-15 of letters, digits, '-', '_' and '.', not '.' or '..'"
+        ));
+    }
+    Ok(())
+}
+
+/// [`check_name`], and the name is not the host's interface of another kind (`lo`, `eth0`, a
+/// bridge): a TAP is opened or created under it, never another device taken over.
+pub fn check_host_tap(name: &str) -> Result<(), String> {
+    check_name(name)?;
+    let dev = std::path::Path::new("/sys/class/net").join(name);
+    if dev.exists() && !dev.join("tun_flags").exists() {
+        return Err(format!(
+            "{name:?} is a network interface of the host that is not a TAP device"
         ));
     }
     Ok(())
@@ -143,5 +160,30 @@ impl Tap {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn names_the_kernel_would_misread_are_refused() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "tap%d",
+            "a/b",
+            "a b",
+            "a\0b",
+            "sixteen-chars-xx",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["tap0", "kiln-web.1", "vm_tap"] {
+            check_name(good).unwrap();
+        }
+        assert!(check_host_tap("lo").unwrap_err().contains("not a TAP"));
     }
 }
