@@ -33,6 +33,56 @@ pub struct ServeArgs {
     /// object per line, for log shippers). `KILN_LOG` sets the level (info by default).
     #[arg(long, value_enum, default_value_t)]
     log_format: crate::logging::LogFormat,
+    /// Connections the TCP listener serves at once (more wait in the kernel's backlog; the
+    /// Unix socket has a limit of its own).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (idle connections close after it).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds guests that listen to the ACPI power button get to power off when kiln serve
+    /// stops (SIGTERM, SIGINT); then they are stopped hard.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Seconds a request body may send nothing before the request fails.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    body_timeout: u64,
+}
+
+impl ServeArgs {
+    /// The bounds of the TCP listener and of the Unix socket: the socket, whose clients are
+    /// trusted and hold event streams and consoles open, takes up to 1 024 connections; TCP
+    /// `--max-connections`; neither more than a quarter of the open-files limit.
+    fn limits(&self, fd_limit: u64) -> (api::Limits, api::Limits) {
+        let quarter = usize::try_from(fd_limit / 4).unwrap_or(usize::MAX).max(16);
+        let tcp = api::Limits {
+            max_connections: self.max_connections.min(quarter),
+            header_timeout: std::time::Duration::from_secs(self.header_timeout.max(1)),
+            body_idle_timeout: std::time::Duration::from_secs(self.body_timeout.max(1)),
+        };
+        let unix = api::Limits {
+            max_connections: UNIX_CONNECTIONS.min(quarter),
+            ..tcp
+        };
+        (tcp, unix)
+    }
+}
+
+/// Connections the Unix socket serves at once (fewer when the open-files limit is low).
+const UNIX_CONNECTIONS: usize = 1024;
+
+/// Raises the soft limit of open files to the hard one (the listeners are bounded, so what
+/// the fds are for is VMs: disks, TAPs, eventfds, KVM); returns the limit.
+fn raise_fd_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            tracing::warn!("cannot raise the open-files limit: {e}");
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
 /// Runs `kiln serve`; `socket` is where to serve when `--socket` is not given. Returns the
@@ -44,6 +94,8 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
         eprintln!("kiln: --listen needs --token-file FILE (TCP is never served without a token)");
         return 2;
     }
+    let (tcp_limits, unix_limits) = args.limits(raise_fd_limit());
+    let shutdown_timeout = args.shutdown_timeout;
     // Disk copies, imports and exports, VM builds and teardowns run on the blocking pool: it is
     // bounded, as operations are (control::operations::POOL).
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -66,13 +118,15 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
             (Some(addr), Some(token)) => Some(
                 api::TcpServer::bind(addr, token)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| e.to_string())?
+                    .with_limits(tcp_limits),
             ),
             _ => None,
         };
         let unix = api::UnixServer::bind(&socket)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_limits(unix_limits);
         Ok::<_, String>((unix, tcp))
     });
     let (unix, tcp) = match listeners {
@@ -152,7 +206,7 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
     });
     // Blocking waits (event and console streams) are not waited for.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
-    manager.shutdown();
+    manager.shutdown(std::time::Duration::from_secs(shutdown_timeout));
     match result {
         Ok(()) => 0,
         Err(e) => {

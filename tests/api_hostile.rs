@@ -345,3 +345,113 @@ fn definitions_that_cannot_start_and_disks_over_the_limit_are_refused_at_once() 
         .collect();
     assert!(leftovers.len() <= 1, "{leftovers:?}");
 }
+
+#[test]
+fn sigterm_gives_listening_guests_the_power_button_and_stops_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serve.log");
+    let socket = dir.path().join("k.sock");
+    common::require_kvm();
+    let mut child = common::kiln()
+        .args(["serve", "--shutdown-timeout", "20", "--socket"])
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("KILN_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    }));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = client::Client::unix(&socket);
+    let console = |name: &str| {
+        rt.block_on(
+            c.request(Method::GET, format!("/v1/instances/{name}/console"))
+                .send(),
+        )
+        .unwrap()
+        .text()
+    };
+    for (name, probe) in [("polite", "wait-powerbutton"), ("deaf", "hlt")] {
+        let body = json!({"name": name, "vcpus": 1, "memory": "32MiB", "start": true,
+            "boot": {"kernel": "kiln-probe", "cmdline": format!("console=ttyS0 probe={probe}")}});
+        let r = rt
+            .block_on(c.request(Method::POST, "/v1/instances").json(&body).send())
+            .unwrap();
+        assert_eq!(r.status.as_u16(), 201, "{}", r.text());
+    }
+    assert!(eventually(Duration::from_secs(20), || console("polite")
+        .contains("PROBE-OK wait-powerbutton armed")));
+    assert!(eventually(Duration::from_secs(20), || console("deaf")
+        .contains("PROBE-OK hlt")));
+
+    let t = Instant::now();
+    // SAFETY: SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("1 guest(s) powered off on the power button, 1 stopped at once"),
+        "{text}"
+    );
+    // The guest that listens was not made to wait for the whole grace period.
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[test]
+fn hundreds_of_idle_event_and_console_clients_hold_no_thread_and_slow_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let pid = s.child.id();
+    create(&s, "chatty", "hlt", true);
+    assert!(s.wait_state("chatty", "running"));
+    let (_, threads_before) = fds_and_threads(pid);
+    let c = s.client();
+    let (events, consoles) = s.block_on(async {
+        let mut events = Vec::new();
+        for _ in 0..400 {
+            events.push(c.event_stream(None).await.unwrap());
+        }
+        let mut consoles = Vec::new();
+        for _ in 0..100 {
+            consoles.push(c.instance_console_stream("chatty").await.unwrap());
+        }
+        (events, consoles)
+    });
+    let t = Instant::now();
+    let (st, v) = s.json(
+        Method::POST,
+        "/v1/disks",
+        json!({"name": "quick", "size": "1MiB"}),
+    );
+    assert_eq!(st, 201, "{v}");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a disk took {:?} beside 500 idle streams",
+        t.elapsed()
+    );
+    let (_, threads) = fds_and_threads(pid);
+    assert!(
+        threads <= threads_before + 4,
+        "{threads} threads with 500 idle streams (before: {threads_before}): {:?}",
+        thread_names(pid)
+    );
+    drop((events, consoles));
+}

@@ -251,3 +251,140 @@ fn two_authorization_headers_are_refused_even_when_one_is_right() {
     );
     assert!(one.starts_with("HTTP/1.1 200"), "{one}");
 }
+
+/// Raises this process's soft open-files limit to the hard one (the flood opens many).
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn a_flood_of_half_open_tcp_requests_is_bounded_and_the_unix_socket_keeps_answering() {
+    use std::io::{Read, Write};
+    raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let token = "k1ln-fl00d";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let s = Server::start_with(
+        dir.path(),
+        &[
+            "--listen",
+            &addr.to_string(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--max-connections",
+            "64",
+            "--header-timeout",
+            "3",
+            "--body-timeout",
+            "2",
+        ],
+    );
+    wait_listening(addr);
+    let pid = s.child.id();
+    let before = fd_count(pid);
+
+    // 1 100 connections that never finish their headers.
+    let mut flood = Vec::new();
+    for _ in 0..1100 {
+        let Ok(mut c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+        else {
+            continue;
+        };
+        let _ = c.write_all(b"GET /v1/instances HTTP/1.1\r\nHost: kiln\r\n");
+        flood.push(c);
+    }
+    assert!(flood.len() >= 1000, "{} connected", flood.len());
+    let during = fd_count(pid);
+    assert!(
+        during <= before + 64 + 8,
+        "the daemon holds {during} fds under the flood (it began with {before})"
+    );
+
+    // The operator's socket answers at once, and a VM still starts.
+    let t = Instant::now();
+    let (st, _) = s.json(Method::GET, "/v1/instances", Value::Null);
+    assert_eq!(st, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let (st, v) = s.json(
+        Method::POST,
+        "/v1/instances",
+        serde_json::json!({"name": "calm", "vcpus": 1, "memory": "32MiB", "start": true,
+            "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=hlt"}}),
+    );
+    assert_eq!(st, 201, "{v}");
+    assert!(s.wait_state("calm", "running"));
+
+    // The first half-open requests are closed once their header time is up.
+    let mut closed = 0;
+    for c in flood.iter_mut().take(64) {
+        c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        let mut b = [0u8; 256];
+        // EOF, an answer (408) or a reset end it; only a read that times out does not.
+        match c.read(&mut b) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            _ => closed += 1,
+        }
+    }
+    assert_eq!(closed, 64);
+    drop(flood);
+    let (st, _, _) = s.call(Method::DELETE, "/v1/instances/calm?force=true", "");
+    assert_eq!(st, 204);
+    assert!(
+        {
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                if fd_count(pid) <= before + 2 || Instant::now() > end {
+                    break fd_count(pid) <= before + 2;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        },
+        "fds after the flood: {} (began with {before})",
+        fd_count(pid)
+    );
+
+    // A body that stops coming: the request fails after the body timeout, no thread held.
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        c,
+        "POST /v1/disks HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"name\""
+    )
+    .unwrap();
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8),
+        "{waited:?}: {}",
+        String::from_utf8_lossy(&out)
+    );
+}

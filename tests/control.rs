@@ -288,7 +288,7 @@ fn definitions_survive_a_restart_and_auto_start_comes_back() {
             act(&p, "keep", Action::Start, false),
             OperationState::Succeeded
         );
-        m.shutdown();
+        m.shutdown(Duration::ZERO);
     }
     let p = manager(dir.path());
     let m = &p.m;
@@ -301,7 +301,7 @@ fn definitions_survive_a_restart_and_auto_start_comes_back() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(state(m, "auto"), InstanceState::Running);
-    m.shutdown();
+    m.shutdown(Duration::ZERO);
 }
 
 #[test]

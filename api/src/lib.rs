@@ -20,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accept;
 pub mod api_version;
 pub mod auth;
 mod conditional;
@@ -46,6 +47,7 @@ pub mod server_info;
 mod streaming;
 pub mod wire;
 
+pub use accept::Limits;
 pub use api_version::API_VERSION;
 pub use error::{ApiError, ErrorCode};
 pub use json::{ApiJson, JSON_BODY_LIMIT};

@@ -12,6 +12,7 @@ use axum::middleware::from_fn_with_state;
 use axum::Router;
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use crate::accept::{self, Limits};
 use crate::auth::{self, BearerToken, TokenError};
 
 /// Mode of the Unix socket: owner and group may connect.
@@ -56,6 +57,7 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> ListenError
 pub struct UnixServer {
     listener: tokio::net::UnixListener,
     file: SocketFile,
+    limits: Limits,
 }
 
 impl UnixServer {
@@ -92,7 +94,17 @@ impl UnixServer {
             .map_err(io_error("cannot make the socket non-blocking"))?;
         let listener = tokio::net::UnixListener::from_std(socket.into())
             .map_err(io_error("cannot register the socket with tokio"))?;
-        Ok(Self { listener, file })
+        Ok(Self {
+            listener,
+            file,
+            limits: Limits::default(),
+        })
+    }
+
+    /// Serves within `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The socket's path.
@@ -107,10 +119,13 @@ impl UnixServer {
         router: Router,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ListenError> {
-        let Self { listener, file } = self;
+        let Self {
+            listener,
+            file,
+            limits,
+        } = self;
         tracing::info!(socket = %file.path.display(), "API listening on Unix socket");
-        let result = axum::serve(listener, router.into_make_service())
-            .with_graceful_shutdown(shutdown)
+        let result = accept::serve(listener, router, limits, None, shutdown)
             .await
             .map_err(io_error(format!("serving {}", file.path.display())));
         drop(file);
@@ -133,6 +148,7 @@ pub async fn serve_unix(
 pub struct TcpServer {
     listener: tokio::net::TcpListener,
     token: BearerToken,
+    limits: Limits,
 }
 
 impl TcpServer {
@@ -144,7 +160,17 @@ impl TcpServer {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(io_error(format!("cannot listen on {addr}")))?;
-        Ok(Self { listener, token })
+        Ok(Self {
+            listener,
+            token,
+            limits: Limits::default(),
+        })
+    }
+
+    /// Serves within `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The bound address (useful after binding port 0).
@@ -164,8 +190,7 @@ impl TcpServer {
         let addr = self.local_addr();
         tracing::info!(%addr, "API listening on TCP (bearer token required)");
         let router = router.layer(from_fn_with_state(self.token, auth::require));
-        axum::serve(self.listener, router.into_make_service())
-            .with_graceful_shutdown(shutdown)
+        accept::serve(self.listener, router, self.limits, None, shutdown)
             .await
             .map_err(io_error(format!("serving {addr}")))
     }

@@ -36,6 +36,7 @@ mod vm_config;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use devices::bus::lock;
 use uuid::Uuid;
@@ -184,12 +185,37 @@ impl Manager {
         &self.operations
     }
 
-    /// Hard-stops every instance (process shutdown). Blocks.
-    pub fn shutdown(&self) {
+    /// Stops every instance (process shutdown): guests that listen to the ACPI power button
+    /// get it and up to `grace` to power off; the others, and those still running then, are
+    /// stopped hard. Blocks.
+    pub fn shutdown(&self, grace: Duration) {
         let slots: Vec<_> = lock(&self.slots).values().cloned().collect();
-        for s in slots {
+        let mut asked = Vec::new();
+        let mut at_once = 0;
+        for s in &slots {
+            let Some(h) = s.handle() else { continue };
+            h.resume();
+            if h.listens_to_power_button() && h.press_power_button().is_ok() {
+                asked.push(s.clone());
+            } else {
+                h.stop();
+                at_once += 1;
+            }
+        }
+        let end = std::time::Instant::now() + grace;
+        while asked.iter().any(|s| !s.vm_ended()) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let late = asked.iter().filter(|s| !s.vm_ended()).count();
+        for s in &slots {
             s.hard_stop();
         }
+        tracing::info!(
+            "shutdown: {} guest(s) powered off on the power button, {at_once} stopped at once \
+             (not listening to it), {late} stopped hard after {} s",
+            asked.len() - late,
+            grace.as_secs()
+        );
     }
 
     /// The runtime of the instance with this id.

@@ -39,6 +39,12 @@ impl AcpiPm {
         }
     }
 
+    /// True when the guest enabled the power button event (PWRBTN_EN): pressing the button
+    /// reaches it.
+    pub fn power_button_enabled(&self) -> bool {
+        self.enable & PWRBTN != 0
+    }
+
     /// Presses the power button: sets PWRBTN_STS and raises the SCI if the guest enabled it.
     pub fn press_power_button(&mut self) {
         self.status |= PWRBTN;

@@ -285,6 +285,16 @@ impl VmHandle {
         Ok(())
     }
 
+    /// True when the running guest enabled the ACPI power button event: a press reaches
+    /// it. A guest that did not (no ACPI, or not booted that far) never reacts to one.
+    pub fn listens_to_power_button(&self) -> bool {
+        let Ok(c) = self.current() else {
+            return false;
+        };
+        let pm = lock(&c.power_button).clone();
+        pm.is_some_and(|pm| lock(&pm).power_button_enabled())
+    }
+
     /// The counters of each virtio device of the current boot (disks, then NICs, in
     /// configuration order); they start from zero at every boot.
     pub fn device_counters(&self) -> Result<Vec<Vec<(&'static str, u64)>>, HandleError> {
