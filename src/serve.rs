@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's headers (idle connections close after it).
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     header_timeout: u64,
+    /// Run without the sandbox (seccomp filters per thread): for debugging only.
+    #[arg(long)]
+    no_sandbox: bool,
     /// Seconds guests that listen to the ACPI power button get to power off when kiln serve
     /// stops (SIGTERM, SIGINT); then they are stopped hard.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
@@ -98,9 +101,20 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
     let shutdown_timeout = args.shutdown_timeout;
     // Disk copies, imports and exports, VM builds and teardowns run on the blocking pool: it is
     // bounded, as operations are (control::operations::POOL).
+    if args.no_sandbox {
+        tracing::warn!("--no-sandbox: threads run without seccomp filters");
+    } else if let Err(e) = vmm::sandbox::enable() {
+        eprintln!("kiln: cannot set up the sandbox: {e} (--no-sandbox runs without it)");
+        return 1;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
+        .on_thread_start(|| {
+            if let Err(e) = vmm::sandbox::apply(vmm::sandbox::ThreadKind::Api) {
+                tracing::error!("{e}");
+            }
+        })
         .enable_all()
         .build()
     {
@@ -110,6 +124,11 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
             return 1;
         }
     };
+    // The main thread waits for signals and runs the shutdown: the API runtime's filter.
+    if let Err(e) = vmm::sandbox::apply(vmm::sandbox::ThreadKind::Api) {
+        eprintln!("kiln: {e}");
+        return 1;
+    }
     // Listeners first (TCP, whose token file may be refused, before the socket file is
     // made): a bad token file or a busy address stops kiln before any instance
     // (auto_start) is touched.

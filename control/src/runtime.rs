@@ -258,7 +258,11 @@ impl Slot {
             .name(format!("kiln-vm-{name}"))
             .spawn(move || {
                 // A panic in the VM's own thread fails this instance only.
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vm.run()));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    vmm::sandbox::apply(vmm::sandbox::ThreadKind::Vm)
+                        .map_err(vmm::VmError::Build)?;
+                    vm.run()
+                }));
                 drop(vm);
                 let (report, reason) = match r {
                     Ok(Ok(Exit::PowerOff)) => (VmReport::Ended, "the guest powered off".into()),

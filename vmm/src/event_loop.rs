@@ -46,6 +46,10 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("kiln-events".into())
             .spawn(move || {
+                if let Err(e) = crate::sandbox::apply(crate::sandbox::ThreadKind::EventLoop) {
+                    tracing::error!("event loop: {e}");
+                    return;
+                }
                 while !done.load(Ordering::Acquire) {
                     if let Err(e) = em.run() {
                         tracing::error!("event loop: {e:?}");

@@ -8,6 +8,7 @@ pub mod config;
 mod event_loop;
 pub mod host;
 mod machine;
+pub mod sandbox;
 mod vcpu;
 pub mod vm;
 

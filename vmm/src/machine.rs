@@ -129,12 +129,29 @@ impl Machine {
             _vm: vm,
             _mem: mem,
         };
+        // The test hook of the sandbox (see `sandbox::test_forbidden_call`) runs only in VMs
+        // whose command line asks for it.
+        let selftest = config
+            .cmdline
+            .split_ascii_whitespace()
+            .any(|w| w == "kiln.test-forbidden-syscall");
         for (id, fd) in vcpu_fds.into_iter().enumerate() {
             let (buses, vcpu_control) = (buses.clone(), control.clone());
             let t = std::thread::Builder::new()
                 .name(format!("kiln-vcpu{id}"))
                 .spawn(move || {
                     let c = vcpu_control.clone();
+                    if let Err(e) = crate::sandbox::apply(crate::sandbox::ThreadKind::Vcpu) {
+                        c.finish(crate::vm::Outcome::Failed(format!("vCPU {id}: {e}")));
+                        return;
+                    }
+                    if let Some(reason) =
+                        selftest.then(crate::sandbox::test_forbidden_call).flatten()
+                    {
+                        tracing::error!(vcpu = id, "{reason}");
+                        c.finish(crate::vm::Outcome::Failed(format!("vCPU {id}: {reason}")));
+                        return;
+                    }
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         vcpu::run(fd, id as u8, buses, vcpu_control)
                     }));

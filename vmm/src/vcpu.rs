@@ -221,6 +221,10 @@ pub(crate) fn run(mut vcpu: VcpuFd, id: u8, buses: Arc<Buses>, control: Arc<Boot
             }
             Err(e) => format!("KVM_RUN failed: {e}"),
         };
+        let failure = match crate::sandbox::take_refused() {
+            Some(nr) => format!("{}; {failure}", crate::sandbox::refusal(nr)),
+            None => failure,
+        };
         let state = describe_state(&vcpu);
         tracing::error!(vcpu = id, "{failure}; {state}");
         control.finish(Outcome::Failed(format!("vCPU {id}: {failure}; {state}")));

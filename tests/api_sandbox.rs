@@ -1,0 +1,120 @@
+//! The sandbox of `kiln serve` (issue 10): every kind of thread runs under its seccomp filter
+//! with NoNewPrivs; a vCPU that makes a call outside its list fails its own VM, named, and the
+//! other VMs go on; `--no-sandbox` turns it off.
+
+mod common;
+
+use common::server::{action, Server};
+
+use std::time::{Duration, Instant};
+
+use client::Method;
+use serde_json::{json, Value};
+
+/// (thread name, `Seccomp:` and `NoNewPrivs:` of its status) for every thread of `pid`.
+fn thread_sandbox(pid: u32) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        out.push((field("Name:"), field("Seccomp:"), field("NoNewPrivs:")));
+    }
+    out
+}
+
+fn create(s: &Server, name: &str, cmdline: &str) {
+    let body = json!({"name": name, "vcpus": 2, "memory": "32MiB", "start": true,
+        "boot": {"kernel": "kiln-probe", "cmdline": cmdline}});
+    let (st, v) = s.json(Method::POST, "/v1/instances", body);
+    assert_eq!(st, 201, "{v}");
+}
+
+fn kinds() -> [&'static str; 4] {
+    ["tokio-rt-worker", "kiln-vm-", "kiln-events", "kiln-vcpu"]
+}
+
+#[test]
+fn every_kind_of_thread_runs_under_its_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    create(&s, "boxed", "console=ttyS0 probe=smp,hlt");
+    assert!(s.wait_console("boxed", "PROBE-OK hlt", 1));
+    let threads = thread_sandbox(s.child.id());
+    for kind in kinds() {
+        let of_kind: Vec<_> = threads.iter().filter(|t| t.0.starts_with(kind)).collect();
+        assert!(!of_kind.is_empty(), "no {kind} thread: {threads:?}");
+        for t in of_kind {
+            assert_eq!((t.1.as_str(), t.2.as_str()), ("2", "1"), "{t:?}");
+        }
+    }
+    // Every thread, the main one included.
+    assert!(threads.iter().all(|t| t.1 == "2"), "{threads:?}");
+    // The API still does its work under the filters: a disk, a stop, a delete.
+    let (st, v) = s.json(
+        Method::POST,
+        "/v1/disks",
+        json!({"name": "d", "size": "1MiB", "format": "qcow2"}),
+    );
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = action(&s, "boxed", json!({"action": "stop", "force": true}));
+    assert_eq!((st, v["state"].as_str()), (200, Some("stopped")), "{v}");
+}
+
+#[test]
+fn no_sandbox_runs_without_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--no-sandbox"]);
+    create(&s, "open", "console=ttyS0 probe=hlt");
+    assert!(s.wait_console("open", "PROBE-OK hlt", 1));
+    let threads = thread_sandbox(s.child.id());
+    let vcpu = threads
+        .iter()
+        .find(|t| t.0.starts_with("kiln-vcpu"))
+        .unwrap();
+    assert_eq!(vcpu.1, "0", "{threads:?}");
+}
+
+#[test]
+fn a_forbidden_call_from_a_vcpu_fails_that_vm_only() {
+    // The hook acts only in a VM whose command line asks for it (and with this variable).
+    std::env::set_var("KILN_TEST_FORBIDDEN_SYSCALL", "1");
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    create(&s, "steady", "console=ttyS0 probe=hlt");
+    assert!(s.wait_console("steady", "PROBE-OK hlt", 1));
+    create(
+        &s,
+        "victim",
+        "console=ttyS0 kiln.test-forbidden-syscall probe=hlt",
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    let victim = loop {
+        let (_, v) = s.json(Method::GET, "/v1/instances/victim", Value::Null);
+        if v["state"] == "failed" || Instant::now() > end {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(victim["state"], "failed", "{victim}");
+    let reason = victim["state_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("sandbox refused the system call socket"),
+        "{victim}"
+    );
+    let (_, steady) = s.json(Method::GET, "/v1/instances/steady", Value::Null);
+    assert_eq!(steady["state"], "running", "{steady}");
+    let (st, v) = action(&s, "victim", json!({"action": "start"}));
+    assert_eq!(st, 200, "the daemon goes on: {v}");
+}
