@@ -11,6 +11,8 @@ use vmm::Host;
 
 use crate::run::PROBE_GUEST;
 
+mod confine;
+
 #[derive(Args)]
 pub struct ServeArgs {
     /// Unix socket to serve the API on (mode 0660; a stale socket is replaced)
@@ -71,6 +73,35 @@ impl ServeArgs {
     }
 }
 
+/// Limits the files the process may open (Landlock) to what `kiln serve` needs: the state
+/// directory and the socket's directory (made here if missing), the image directories and
+/// the token file (read), `/dev/kvm` and `/dev/net/tun`.
+fn confine_files(args: &ServeArgs) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let socket_dir = match args.socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    for (dir, mode) in [(&args.state_dir, 0o700), (&socket_dir, 0o755)] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let mut read = args.image_dirs.clone();
+    read.extend(args.token_file.clone());
+    let allowed = confine::Allowed {
+        full: vec![args.state_dir.clone(), socket_dir],
+        read,
+    };
+    match confine::restrict(&allowed)? {
+        landlock::RulesetStatus::FullyEnforced => {}
+        other => tracing::warn!("Landlock is {other:?} on this kernel: file access is not limited"),
+    }
+    Ok(())
+}
+
 /// Connections the Unix socket serves at once (fewer when the open-files limit is low).
 const UNIX_CONNECTIONS: usize = 1024;
 
@@ -107,6 +138,13 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
         eprintln!("kiln: cannot set up the sandbox: {e} (--no-sandbox runs without it)");
         return 1;
     }
+    if !args.no_sandbox {
+        if let Err(e) = confine_files(&args) {
+            eprintln!("kiln: cannot set up the sandbox: {e} (--no-sandbox runs without it)");
+            return 1;
+        }
+    }
+    confine::self_test();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)

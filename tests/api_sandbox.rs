@@ -118,3 +118,47 @@ fn a_forbidden_call_from_a_vcpu_fails_that_vm_only() {
     let (st, v) = action(&s, "victim", json!({"action": "start"}));
     assert_eq!(st, 200, "the daemon goes on: {v}");
 }
+
+/// Starts `kiln serve` with the Landlock self-test hook on `target`; returns its log once it
+/// answers (then stops it).
+fn open_outside(extra: &[&str], target: &std::path::Path) -> String {
+    common::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serve.log");
+    let socket = dir.path().join("k.sock");
+    let mut child = common::kiln()
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(extra)
+        .env("KILN_LOG", "warn")
+        .env("KILN_TEST_OPEN_AFTER_SANDBOX", target)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn a_file_outside_the_allowed_directories_cannot_be_opened_by_the_daemon() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let secret = elsewhere.path().join("secret");
+    std::fs::write(&secret, b"not for kiln").unwrap();
+    let log = open_outside(&[], &secret);
+    assert!(
+        log.contains("sandbox self-test: cannot open") && log.contains("Permission denied"),
+        "{log}"
+    );
+    // Without the sandbox the same file opens: the refusal was Landlock's.
+    let log = open_outside(&["--no-sandbox"], &secret);
+    assert!(log.contains("sandbox self-test: opened"), "{log}");
+}
