@@ -2,6 +2,11 @@
 //! over its Unix socket by the client crate (kept-alive HTTP/1 connections).
 //!
 //!     cargo bench --bench api -- [--requests N] [--runs N] [--vms N]
+//!     cargo bench --bench api -- --sandbox-compare [--runs N]
+//!
+//! `--sandbox-compare` measures only what the sandbox (seccomp per thread, Landlock) costs a
+//! VM: start → banner (median of `--runs`) and RSS per idle guest (10 guests), with the
+//! sandbox and with `--no-sandbox`, each on a fresh server.
 //!
 //! 1. Latency of `GET /v1/instances/{id}` on kept-alive HTTP/1 connections, at 1 and 64
 //!    concurrent clients, `--requests` (5000) each: p50, p99 and the request rate.
@@ -177,8 +182,64 @@ async fn start_to_banner(socket: &Path, c: &mut Conn, runs: usize) -> Vec<Durati
     out
 }
 
+/// Start → banner (sorted) and RSS per idle guest (KiB, over 10 guests) of a fresh server
+/// started with `extra`.
+fn sandbox_case(rt: &tokio::runtime::Runtime, extra: &[&str], runs: usize) -> (Vec<Duration>, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start_with(dir.path(), Stdio::null(), extra);
+    let socket = serve.socket.clone();
+    rt.block_on(async {
+        let mut c = Conn::open(&socket).await;
+        let boots = start_to_banner(&socket, &mut c, runs).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = serve.rss_kib();
+        for i in 0..10 {
+            let name = format!("idle-{i}");
+            c.json(
+                Method::POST,
+                "/v1/instances",
+                Some(&probe_instance(&name, "hlt", true)),
+            )
+            .await;
+            wait_console(&mut c, &name, "PROBE-OK hlt", 1).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let per_vm = (serve.rss_kib() as f64 - before as f64) / 10.0;
+        (boots, per_vm)
+    })
+}
+
+fn sandbox_compare(runs: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!();
+    println!("the sandbox's cost per VM: start → banner over {runs} runs, RSS per idle 128 MiB probe guest (10 guests)");
+    println!(
+        "{:>12} {:>12} {:>10} {:>10} {:>14}",
+        "sandbox", "median ms", "min ms", "max ms", "RSS/VM KiB"
+    );
+    for (label, extra) in [("on", &[][..]), ("off", &["--no-sandbox"][..])] {
+        let (boots, per_vm) = sandbox_case(&rt, extra, runs);
+        println!(
+            "{:>12} {:>12.2} {:>10.2} {:>10.2} {:>14.0}",
+            label,
+            ms(boots[boots.len() / 2]),
+            ms(boots[0]),
+            ms(*boots.last().unwrap()),
+            per_vm
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if common::has(&args, "--sandbox-compare") {
+        sandbox_compare(arg(&args, "--runs", 20usize).max(1));
+        return;
+    }
     let requests = arg(&args, "--requests", 5000usize);
     let runs = arg(&args, "--runs", 20usize).max(1);
     let vms = arg(&args, "--vms", 50usize).max(1);

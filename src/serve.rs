@@ -1,7 +1,7 @@
 //! `kiln serve`: the host daemon — every instance of the host under the REST API.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use api::{AppState, HostInfo, Metrics, ServerInfo};
@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's headers (idle connections close after it).
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     header_timeout: u64,
+    /// Group of the Unix socket (a name or a gid): its members may use the API.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Run without the sandbox (seccomp filters per thread): for debugging only.
     #[arg(long)]
     no_sandbox: bool,
@@ -76,9 +79,9 @@ impl ServeArgs {
 /// Limits the files the process may open (Landlock) to what `kiln serve` needs: the state
 /// directory and the socket's directory (made here if missing), the image directories and
 /// the token file (read), `/dev/kvm` and `/dev/net/tun`.
-fn confine_files(args: &ServeArgs) -> Result<(), String> {
+fn confine_files(args: &ServeArgs, socket: &Path) -> Result<(), String> {
     use std::os::unix::fs::DirBuilderExt;
-    let socket_dir = match args.socket.parent() {
+    let socket_dir = match socket.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
@@ -100,6 +103,23 @@ fn confine_files(args: &ServeArgs) -> Result<(), String> {
         other => tracing::warn!("Landlock is {other:?} on this kernel: file access is not limited"),
     }
     Ok(())
+}
+
+/// The gid of a group given by name (from /etc/group) or number.
+fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").map_err(|e| format!("/etc/group: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == group)
+        .and_then(|(_, gid)| gid.parse().ok())
+        .ok_or_else(|| format!("no group named {group:?}"))
 }
 
 /// Connections the Unix socket serves at once (fewer when the open-files limit is low).
@@ -132,6 +152,15 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
     let shutdown_timeout = args.shutdown_timeout;
     // Disk copies, imports and exports, VM builds and teardowns run on the blocking pool: it is
     // bounded, as operations are (control::operations::POOL).
+    // Definitions and disk images are private to the daemon's user (0640, directories 0750).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o027));
+    let socket_gid = match args.socket_group.as_deref().map(group_id).transpose() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("kiln: --socket-group: {e}");
+            return 2;
+        }
+    };
     if args.no_sandbox {
         tracing::warn!("--no-sandbox: threads run without seccomp filters");
     } else if let Err(e) = vmm::sandbox::enable() {
@@ -139,7 +168,7 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
         return 1;
     }
     if !args.no_sandbox {
-        if let Err(e) = confine_files(&args) {
+        if let Err(e) = confine_files(&args, &socket) {
             eprintln!("kiln: cannot set up the sandbox: {e} (--no-sandbox runs without it)");
             return 1;
         }
@@ -167,32 +196,6 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
         eprintln!("kiln: {e}");
         return 1;
     }
-    // Listeners first (TCP, whose token file may be refused, before the socket file is
-    // made): a bad token file or a busy address stops kiln before any instance
-    // (auto_start) is touched.
-    let listeners = rt.block_on(async {
-        let tcp = match (args.listen, &args.token_file) {
-            (Some(addr), Some(token)) => Some(
-                api::TcpServer::bind(addr, token)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .with_limits(tcp_limits),
-            ),
-            _ => None,
-        };
-        let unix = api::UnixServer::bind(&socket)
-            .await
-            .map_err(|e| e.to_string())?
-            .with_limits(unix_limits);
-        Ok::<_, String>((unix, tcp))
-    });
-    let (unix, tcp) = match listeners {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("kiln: {e}");
-            return 1;
-        }
-    };
     let host = match Host::open() {
         Ok(h) => Arc::new(h),
         Err(e) => {
@@ -211,7 +214,7 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
             "probe-guest".into(),
         ],
     };
-    let manager = match Manager::open(
+    let manager = match Manager::load(
         host,
         &args.state_dir,
         &args.image_dirs,
@@ -224,6 +227,34 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
             return 1;
         }
     };
+    // The state directory (locked, swept, loaded) first: a second daemon on it stops here.
+    // Then the listeners (TCP, whose token file may be refused, before the socket file is
+    // made): a bad token file or a busy address stops kiln before any instance (auto_start)
+    // is touched.
+    let listeners = rt.block_on(async {
+        let tcp = match (args.listen, &args.token_file) {
+            (Some(addr), Some(token)) => Some(
+                api::TcpServer::bind(addr, token)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .with_limits(tcp_limits),
+            ),
+            _ => None,
+        };
+        let unix = api::UnixServer::bind_with_group(&socket, socket_gid)
+            .await
+            .map_err(|e| e.to_string())?
+            .with_limits(unix_limits);
+        Ok::<_, String>((unix, tcp))
+    });
+    let (unix, tcp) = match listeners {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return 1;
+        }
+    };
+    manager.start_auto();
     let metrics = Metrics::new();
     metrics.register_vmm(&manager);
     let state = AppState::new(info, metrics).with_manager(manager.clone());

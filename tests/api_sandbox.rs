@@ -162,3 +162,47 @@ fn a_file_outside_the_allowed_directories_cannot_be_opened_by_the_daemon() {
     let log = open_outside(&["--no-sandbox"], &secret);
     assert!(log.contains("sandbox self-test: opened"), "{log}");
 }
+
+#[test]
+fn state_files_are_private_and_the_socket_has_its_group() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A group other than ours, by name: `nogroup` or `users` on Debian.
+    let group = ["nogroup", "users"]
+        .into_iter()
+        .find(|g| {
+            std::fs::read_to_string("/etc/group")
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with(&format!("{g}:")))
+        })
+        .expect("a group named nogroup or users");
+    let s = Server::start_with(dir.path(), &["--socket-group", group]);
+    let (st, v) = s.json(
+        Method::POST,
+        "/v1/disks",
+        json!({"name": "d", "size": "1MiB", "format": "qcow2"}),
+    );
+    assert_eq!(st, 201, "{v}");
+    create(&s, "quiet", "console=ttyS0 probe=hlt");
+    let mut seen = 0;
+    for sub in ["disks", "instances"] {
+        for e in std::fs::read_dir(s.state_dir.join(sub)).unwrap().flatten() {
+            let mode = e.metadata().unwrap().mode() & 0o777;
+            assert_eq!(mode & 0o007, 0, "{} has mode {mode:o}", e.path().display());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "{seen} files");
+    let sock = std::fs::metadata(&s.socket).unwrap();
+    let gid: u32 = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<_> = l.split(':').collect();
+            (f[0] == group).then(|| f[2].parse().unwrap())
+        })
+        .unwrap();
+    assert_eq!(sock.gid(), gid);
+    assert_eq!(sock.mode() & 0o777, 0o660);
+}

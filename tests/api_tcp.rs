@@ -87,6 +87,11 @@ fn tcp_needs_the_bearer_token() {
     let token = "k1ln-t0ken-for-tests";
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let s = Server::start_with(
         dir.path(),
@@ -216,6 +221,11 @@ fn two_authorization_headers_are_refused_even_when_one_is_right() {
     let token = "k1ln-t0ken-two";
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let _s = Server::start_with(
         dir.path(),
@@ -387,4 +397,35 @@ fn a_flood_of_half_open_tcp_requests_is_bounded_and_the_unix_socket_keeps_answer
         "{waited:?}: {}",
         String::from_utf8_lossy(&out)
     );
+}
+
+#[test]
+fn a_token_file_everyone_may_read_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "k1ln-open-t0ken\n").unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let out = common::kiln()
+        .args(["serve", "--socket"])
+        .arg(dir.path().join("k.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args([
+            "--listen",
+            &addr,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("readable by everyone"), "{stderr}");
+    assert!(!dir.path().join("k.sock").exists());
 }

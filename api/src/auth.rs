@@ -36,6 +36,14 @@ pub enum TokenError {
         /// Why.
         source: std::io::Error,
     },
+    /// Everyone may read the token file: the token is no secret.
+    #[error("token file {path} is readable by everyone (mode {mode:o}); chmod o-rwx it")]
+    WorldReadable {
+        /// The file.
+        path: String,
+        /// Its mode.
+        mode: u32,
+    },
     /// The token is empty (or only whitespace).
     #[error("token file {path} is empty")]
     Empty {
@@ -52,14 +60,21 @@ pub enum TokenError {
 
 impl BearerToken {
     /// Reads the token from `path`: the file's content without surrounding whitespace. It must
-    /// be non-empty visible ASCII.
+    /// be non-empty visible ASCII, and the file not readable by everyone.
     pub fn from_file(path: &Path) -> Result<Self, TokenError> {
+        use std::os::unix::fs::PermissionsExt;
         let shown = path.display().to_string();
-        let text = std::fs::read(path).map_err(|source| TokenError::Read {
+        let read = |source| TokenError::Read {
             path: shown.clone(),
             source,
-        })?;
-        Self::from_bytes(text.trim_ascii(), &shown)
+        };
+        let text = std::fs::read(path).map_err(read)?;
+        let token = Self::from_bytes(text.trim_ascii(), &shown)?;
+        let mode = std::fs::metadata(path).map_err(read)?.permissions().mode() & 0o7777;
+        if mode & 0o004 != 0 {
+            return Err(TokenError::WorldReadable { path: shown, mode });
+        }
+        Ok(token)
     }
 
     /// A token from text (surrounding whitespace removed), with the rules of

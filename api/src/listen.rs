@@ -65,6 +65,12 @@ impl UnixServer {
     /// replaces a stale socket (one nobody accepts on); refuses if a server answers there or
     /// the path is anything but a socket. No connection is accepted before the mode is set.
     pub async fn bind(path: &Path) -> Result<Self, ListenError> {
+        Self::bind_with_group(path, None).await
+    }
+
+    /// [`UnixServer::bind`], the socket's group set to `group` (a gid) before anyone can
+    /// connect: the members of that group may use the API.
+    pub async fn bind_with_group(path: &Path, group: Option<u32>) -> Result<Self, ListenError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -86,6 +92,10 @@ impl UnixServer {
         let file = SocketFile::new(path).map_err(io_error(format!("cannot stat {shown}")))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
             .map_err(io_error(format!("cannot chmod {shown}")))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::lchown(path, None, Some(gid))
+                .map_err(io_error(format!("cannot give {shown} to group {gid}")))?;
+        }
         socket
             .listen(BACKLOG)
             .map_err(io_error(format!("cannot listen on {shown}")))?;
@@ -156,7 +166,6 @@ impl TcpServer {
     /// binds `addr`.
     pub async fn bind(addr: SocketAddr, token_file: &Path) -> Result<Self, ListenError> {
         let token = BearerToken::from_file(token_file)?;
-        warn_if_world_readable(token_file);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(io_error(format!("cannot listen on {addr}")))?;
@@ -255,14 +264,6 @@ async fn remove_stale_socket(path: &Path) -> Result<(), ListenError> {
         Ok(Err(e)) => Err(io_error(format!("cannot check whether {shown} is in use"))(
             e,
         )),
-    }
-}
-
-fn warn_if_world_readable(path: &Path) {
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o004 != 0 {
-            tracing::warn!(file = %path.display(), "token file is readable by everyone");
-        }
     }
 }
 

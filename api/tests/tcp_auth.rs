@@ -32,6 +32,7 @@ async fn server_with_token(token: &str) -> (tempfile::TempDir, Server) {
     let path = dir.path().join("token");
     let mut file = std::fs::File::create(&path).unwrap();
     writeln!(file, "{token}").unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let server = Server::tcp(&path, test_router()).await;
     (dir, server)
 }

@@ -205,6 +205,11 @@ impl Serve {
     /// Starts the server and returns once its socket accepts a connection (at most 10 s).
     /// `stderr` is where the server's log goes.
     pub fn start(dir: &Path, stderr: Stdio) -> Serve {
+        Self::start_with(dir, stderr, &[])
+    }
+
+    /// [`Serve::start`] with more `kiln serve` arguments (`--no-sandbox`).
+    pub fn start_with(dir: &Path, stderr: Stdio, extra: &[&str]) -> Serve {
         let socket = dir.join("kiln.sock");
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -212,6 +217,7 @@ impl Serve {
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

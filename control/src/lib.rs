@@ -91,6 +91,20 @@ impl Manager {
         probe: Arc<[u8]>,
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Self>> {
+        let m = Self::load(host, state_dir, image_dirs, probe, runtime)?;
+        m.start_auto();
+        Ok(m)
+    }
+
+    /// [`Manager::open`] without starting anything: the state directory is locked, swept of
+    /// what a killed daemon left and loaded; [`Manager::start_auto`] starts the instances.
+    pub fn load(
+        host: Arc<Host>,
+        state_dir: &Path,
+        image_dirs: &[PathBuf],
+        probe: Arc<[u8]>,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Arc<Self>> {
         let state_err = |e: std::io::Error| {
             Error::internal(&format!("state directory {}", state_dir.display()), e)
         };
@@ -151,11 +165,6 @@ impl Manager {
                 (d.id, slot)
             })
             .collect();
-        let auto: Vec<Uuid> = instances
-            .iter()
-            .filter(|d| d.auto_start)
-            .map(|d| d.id)
-            .collect();
         let m = Arc::new(Self {
             host,
             probe,
@@ -167,12 +176,22 @@ impl Manager {
             operations: Arc::default(),
             runtime,
         });
+        Ok(m)
+    }
+
+    /// Starts every instance with `auto_start`.
+    pub fn start_auto(self: &Arc<Self>) {
+        let auto: Vec<Uuid> = lock(&self.catalog)
+            .instances
+            .iter()
+            .filter(|d| d.auto_start)
+            .map(|d| d.id)
+            .collect();
         for id in auto {
-            if let Err(e) = m.action(&id.to_string(), ActionRequest::new(Action::Start)) {
+            if let Err(e) = self.action(&id.to_string(), ActionRequest::new(Action::Start)) {
                 tracing::warn!("auto-start of {id}: {e}");
             }
         }
-        Ok(m)
     }
 
     /// State changes and operation updates.
