@@ -42,6 +42,12 @@ pub struct ServeArgs {
     /// Seconds a client has to send a request's headers (idle connections close after it).
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     header_timeout: u64,
+    /// Serve TCP with TLS: the certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Group of the Unix socket (a name or a gid): its members may use the API.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
@@ -94,6 +100,8 @@ fn confine_files(args: &ServeArgs, socket: &Path) -> Result<(), String> {
     }
     let mut read = args.image_dirs.clone();
     read.extend(args.token_file.clone());
+    read.extend(args.tls_cert.clone());
+    read.extend(args.tls_key.clone());
     let allowed = confine::Allowed {
         full: vec![args.state_dir.clone(), socket_dir],
         read,
@@ -233,12 +241,16 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
     // is touched.
     let listeners = rt.block_on(async {
         let tcp = match (args.listen, &args.token_file) {
-            (Some(addr), Some(token)) => Some(
-                api::TcpServer::bind(addr, token)
+            (Some(addr), Some(token)) => Some({
+                let mut server = api::TcpServer::bind(addr, token)
                     .await
                     .map_err(|e| e.to_string())?
-                    .with_limits(tcp_limits),
-            ),
+                    .with_limits(tcp_limits);
+                if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+                    server = server.with_tls(cert, key).map_err(|e| e.to_string())?;
+                }
+                server
+            }),
             _ => None,
         };
         let unix = api::UnixServer::bind_with_group(&socket, socket_gid)

@@ -429,3 +429,119 @@ fn a_token_file_everyone_may_read_is_refused() {
     assert!(stderr.contains("readable by everyone"), "{stderr}");
     assert!(!dir.path().join("k.sock").exists());
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 (openssl CLI): (cert, key).
+fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// One request over TLS, trusting only `ca`; the response text, or the TLS error.
+fn tls_request(addr: SocketAddr, ca: &std::path::Path, request: &str) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        #[allow(deprecated)]
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out).await;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    })
+}
+
+#[test]
+fn tcp_with_tls_serves_a_client_that_checks_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "k1ln-tls-t0ken";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let (cert, key) = self_signed(dir.path(), "server");
+    let (other, _) = self_signed(dir.path(), "other");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _s = Server::start_with(
+        dir.path(),
+        &[
+            "--listen",
+            &addr.to_string(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    wait_listening(addr);
+    let get = |auth: &str| {
+        format!("GET /v1/instances HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
+    };
+    let ok = tls_request(
+        addr,
+        &cert,
+        &get(&format!("Authorization: Bearer {token}\r\n")),
+    )
+    .unwrap();
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let no_token = tls_request(addr, &cert, &get("")).unwrap();
+    assert!(no_token.starts_with("HTTP/1.1 401"), "{no_token}");
+    // A client that trusts another certificate refuses the server.
+    let err = tls_request(addr, &other, &get("")).unwrap_err();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // Plain HTTP gets no answer in the clear.
+    let plain = raw(addr, &get(&format!("Authorization: Bearer {token}\r\n")));
+    assert!(!plain.contains("HTTP/1.1 200"), "{plain}");
+}

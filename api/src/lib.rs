@@ -45,6 +45,7 @@ mod respond;
 pub mod router;
 pub mod server_info;
 mod streaming;
+pub mod tls;
 pub mod wire;
 
 pub use accept::Limits;

@@ -36,6 +36,9 @@ pub enum ListenError {
     /// The TCP token could not be had: no TCP listener without one.
     #[error("refusing to listen on TCP: {0}")]
     Token(#[from] TokenError),
+    /// The TLS certificate or key cannot be used.
+    #[error("refusing to listen on TCP: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -154,11 +157,22 @@ pub async fn serve_unix(
 }
 
 /// A bound TCP listener with its bearer token, ready to serve.
-#[derive(Debug)]
 pub struct TcpServer {
     listener: tokio::net::TcpListener,
     token: BearerToken,
     limits: Limits,
+    tls: Option<accept::Wrap>,
+}
+
+impl std::fmt::Debug for TcpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpServer")
+            .field("listener", &self.listener)
+            .field("token", &self.token)
+            .field("limits", &self.limits)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl TcpServer {
@@ -173,7 +187,15 @@ impl TcpServer {
             listener,
             token,
             limits: Limits::default(),
+            tls: None,
         })
+    }
+
+    /// Serves TLS with the certificate chain `cert` and key `key` (PEM files).
+    pub fn with_tls(mut self, cert: &Path, key: &Path) -> Result<Self, ListenError> {
+        let config = crate::tls::server_config(cert, key)?;
+        self.tls = Some(crate::tls::wrap(config));
+        Ok(self)
     }
 
     /// Serves within `limits` instead of the defaults.
@@ -197,9 +219,10 @@ impl TcpServer {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ListenError> {
         let addr = self.local_addr();
-        tracing::info!(%addr, "API listening on TCP (bearer token required)");
+        let tls = if self.tls.is_some() { "TLS" } else { "plain" };
+        tracing::info!(%addr, "API listening on TCP ({tls}, bearer token required)");
         let router = router.layer(from_fn_with_state(self.token, auth::require));
-        accept::serve(self.listener, router, self.limits, None, shutdown)
+        accept::serve(self.listener, router, self.limits, self.tls, shutdown)
             .await
             .map_err(io_error(format!("serving {addr}")))
     }
