@@ -456,3 +456,63 @@ fn hundreds_of_idle_event_and_console_clients_hold_no_thread_and_slow_nothing() 
     );
     drop((events, consoles));
 }
+
+#[test]
+fn an_export_that_fails_after_its_headers_aborts_the_connection() {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    // 4 MiB of data, stored as qcow2: every 64 KiB cluster allocated.
+    let (st, _, body) = s.request(
+        Method::POST,
+        "/v1/disks/import?name=frail&format=qcow2",
+        "application/octet-stream",
+        &[],
+        vec![0x5a; 4 << 20],
+    );
+    assert_eq!(st, 201, "{}", String::from_utf8_lossy(&body));
+    let (_, disk) = s.json(Method::GET, "/v1/disks/frail", Value::Null);
+    let file = s
+        .state_dir
+        .join("disks")
+        .join(format!("{}.qcow2", disk["id"].as_str().unwrap()));
+    // Cluster 40 (2.5 MiB in) now points to an unaligned offset: reading it fails.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    let mut header = [0u8; 48];
+    f.read_exact(&mut header).unwrap();
+    let l1 = u64::from_be_bytes(header[40..48].try_into().unwrap());
+    let mut entry = [0u8; 8];
+    f.seek(SeekFrom::Start(l1)).unwrap();
+    f.read_exact(&mut entry).unwrap();
+    let l2 = u64::from_be_bytes(entry) & 0x00ff_ffff_ffff_fe00;
+    f.seek(SeekFrom::Start(l2 + 40 * 8)).unwrap();
+    f.write_all(&(0x8000_0000_0000_0201u64).to_be_bytes())
+        .unwrap();
+    drop(f);
+
+    for (format, framing) in [("raw", "content-length: 4194304"), ("qcow2", "chunked")] {
+        let mut c = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(
+            c,
+            "GET /v1/disks/frail/export?format={format} HTTP/1.1\r\nHost: kiln\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let r = c.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).to_lowercase();
+        let head_end = text.find("\r\n\r\n").expect("headers were sent") + 4;
+        assert!(text.starts_with("http/1.1 200"), "{}", &text[..head_end]);
+        assert!(text[..head_end].contains(framing), "{}", &text[..head_end]);
+        // The connection ends (EOF or reset) without a complete body.
+        let body = out.len() - head_end;
+        match format {
+            "raw" => assert!(body < 4 << 20, "the whole body came: {body} bytes, {r:?}"),
+            _ => assert!(!text.ends_with("0\r\n\r\n"), "the chunked body was ended"),
+        }
+    }
+}
