@@ -23,10 +23,12 @@ pub(crate) struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the loop with `console` as its console input, if any.
+    /// Starts the loop with `console` as its console input, if any. A system call the
+    /// sandbox refuses to the loop fails the boot through `control`.
     pub fn start(
         console: Option<ConsoleInput>,
         virtio: Vec<VirtioEvents>,
+        control: Arc<crate::vm::BootControl>,
     ) -> std::io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stopper = Stopper {
@@ -46,12 +48,21 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("kiln-events".into())
             .spawn(move || {
+                let fail = |reason: String| {
+                    tracing::error!("event loop: {reason}");
+                    control.finish(crate::vm::Outcome::Failed(format!("event loop: {reason}")));
+                };
                 if let Err(e) = crate::sandbox::apply(crate::sandbox::ThreadKind::EventLoop) {
-                    tracing::error!("event loop: {e}");
+                    fail(e);
                     return;
                 }
                 while !done.load(Ordering::Acquire) {
-                    if let Err(e) = em.run() {
+                    let r = em.run();
+                    if let Some(nr) = crate::sandbox::take_refused() {
+                        fail(crate::sandbox::refusal(nr));
+                        break;
+                    }
+                    if let Err(e) = r {
                         tracing::error!("event loop: {e:?}");
                         break;
                     }

@@ -120,7 +120,7 @@ impl Machine {
             }),
             None => None,
         };
-        let events = EventLoop::start(console, virtio)
+        let events = EventLoop::start(console, virtio, control.clone())
             .map_err(|e| VmError::Build(format!("event loop: {e}")))?;
 
         let machine = Machine {

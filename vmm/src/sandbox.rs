@@ -5,7 +5,8 @@
 //!
 //! A call outside the list is not run: the thread gets `SIGSYS`, whose handler makes the call
 //! fail with `EPERM`, writes a line to stderr and remembers the call for the thread
-//! ([`take_refused`]). A vCPU that meets one fails its VM with the call named; other VMs go on.
+//! ([`take_refused`]). A vCPU or event loop that meets one fails its VM with the call named;
+//! other VMs go on.
 //!
 //! The sandbox is off until [`enable`] (`kiln serve` enables it unless `--no-sandbox`; `kiln
 //! run` does not).
