@@ -12,6 +12,7 @@ use vmm::Host;
 use crate::run::PROBE_GUEST;
 
 mod confine;
+mod user;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -48,6 +49,11 @@ pub struct ServeArgs {
     /// The TLS private key (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Run as this user (a name or uid), keeping only CAP_NET_ADMIN (for TAPs): /dev/kvm is
+    /// opened first; the state and socket directories are given to the user when kiln creates
+    /// them, and must be writable by it otherwise.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
     /// Group of the Unix socket (a name or a gid): its members may use the API.
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
@@ -169,6 +175,28 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
             return 2;
         }
     };
+    let host = match Host::open() {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return 1;
+        }
+    };
+    if let Some(name) = &args.user {
+        let switched = user::lookup(name).and_then(|account| {
+            let socket_dir = match args.socket.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            user::make_dir_for(&args.state_dir, 0o700, &account)?;
+            user::make_dir_for(&socket_dir, 0o755, &account)?;
+            user::switch_to(&account)
+        });
+        if let Err(e) = switched {
+            eprintln!("kiln: --user {name}: {e}");
+            return 1;
+        }
+    }
     if args.no_sandbox {
         tracing::warn!("--no-sandbox: threads run without seccomp filters");
     } else if let Err(e) = vmm::sandbox::enable() {
@@ -204,13 +232,6 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
         eprintln!("kiln: {e}");
         return 1;
     }
-    let host = match Host::open() {
-        Ok(h) => Arc::new(h),
-        Err(e) => {
-            eprintln!("kiln: {e}");
-            return 1;
-        }
-    };
     let info = ServerInfo {
         host: HostInfo {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),

@@ -206,3 +206,69 @@ fn state_files_are_private_and_the_socket_has_its_group() {
     assert_eq!(sock.gid(), gid);
     assert_eq!(sock.mode() & 0o777, 0o660);
 }
+
+#[test]
+fn user_runs_the_daemon_unprivileged_with_cap_net_admin_only() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    common::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    // The user must reach the directories kiln makes for it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("run/kiln.sock");
+    let state = dir.path().join("state");
+    let mut child = common::kiln()
+        .args(["serve", "--user", "nobody", "--socket"])
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = client::Client::unix(&socket);
+    let body = json!({"name": "plain", "vcpus": 1, "memory": "32MiB", "start": true,
+        "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=hlt"}});
+    let created = rt
+        .block_on(c.request(Method::POST, "/v1/instances").json(&body).send())
+        .unwrap();
+    let state_now = || {
+        let r = rt
+            .block_on(c.request(Method::GET, "/v1/instances/plain").send())
+            .unwrap();
+        r.json::<Value>().unwrap()["state"].clone()
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    while state_now() != "running" && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let running = state_now();
+    let owner = std::fs::metadata(state.join("instances")).unwrap().uid();
+    // SAFETY: SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    assert_eq!(created.status.as_u16(), 201, "{}", created.text());
+    assert_eq!(field("Uid:"), "65534", "{status}");
+    assert_eq!(field("CapEff:"), "0000000000001000", "{status}");
+    assert_eq!(field("Seccomp:"), "2", "{status}");
+    assert_eq!(running, "running");
+    assert_eq!(owner, 65534);
+}
