@@ -169,6 +169,10 @@ async fn start_to_banner(socket: &Path, c: &mut Conn, runs: usize) -> Vec<Durati
             }
         }
         out.push(t.elapsed());
+        // The banner can come before the VM reports its boot: stop once it is `running`.
+        while c.json(Method::GET, "/v1/instances/boot", None).await["state"] != "running" {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         c.json(
             Method::POST,
             "/v1/instances/boot/actions?wait=true",
