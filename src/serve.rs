@@ -184,7 +184,7 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
     };
     if let Some(name) = &args.user {
         let switched = user::lookup(name).and_then(|account| {
-            let socket_dir = match args.socket.parent() {
+            let socket_dir = match socket.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
             };
