@@ -2,10 +2,14 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Args;
-use vmm::{Console, DiskConfig, Exit, Host, KernelImage, NetConfig, Vm, VmConfig};
+use vmm::{
+    Console, DiskConfig, Exit, Host, KernelImage, NetConfig, RestoreOptions, Snapshot, Vm,
+    VmConfig, VmHandle,
+};
 
 /// The probe guest (images/probe), built by build.rs.
 pub static PROBE_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe.elf"));
@@ -42,6 +46,16 @@ pub struct RunArgs {
     /// A virtio-net NIC on a TAP device (created if missing): tap=NAME[,mac=MAC]; repeatable.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// Continue the guest of the snapshot in DIR instead of booting. Its disks are the paths
+    /// it had (as they are now) unless --disk gives others (in order, path= only; for a
+    /// clone, a qcow2 overlay on the snapshot's disk-N copy), and its NICs its TAPs and MACs
+    /// unless --net gives others.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory"])]
+    restore: Option<PathBuf>,
+    /// Where a snapshot goes on a signal: SIGUSR1 writes it (a new directory) and the guest
+    /// goes on; SIGUSR2 writes it and stops the VM (exit status 0 once it is written).
+    #[arg(long, value_name = "DIR")]
+    snapshot_to: Option<PathBuf>,
 }
 
 /// Splits `a=1,b=2` into pairs, refusing keys not in `known`.
@@ -133,6 +147,13 @@ pub fn run(args: RunArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
+    let (terminal, console) = console();
+    if let Some(dir) = &args.restore {
+        return match restore(host, dir, &args, console) {
+            Ok(vm) => run_vm(vm, terminal, args.snapshot_to),
+            Err(code) => code,
+        };
+    }
     let disks = match args
         .disk
         .iter()
@@ -170,6 +191,17 @@ pub fn run(args: RunArgs) -> i32 {
         nets,
     };
 
+    match Vm::new(host, config, console) {
+        Ok(vm) => run_vm(vm, terminal, args.snapshot_to),
+        Err(e) => {
+            eprintln!("kiln: {}", explain(&e));
+            EXIT_USAGE
+        }
+    }
+}
+
+/// The serial console: stdout, and stdin when it is a terminal.
+fn console() -> (bool, Console) {
     let terminal = std::io::stdin().is_terminal();
     let input = if terminal {
         std::os::fd::AsFd::as_fd(&std::io::stdin())
@@ -179,28 +211,78 @@ pub fn run(args: RunArgs) -> i32 {
     } else {
         None
     };
-    // Signals go to one thread that stops the VM; vCPU threads never see them.
-    let signals = block_stop_signals();
-    let mut vm = match Vm::new(
-        host,
-        config,
-        Console {
-            output: Box::new(std::io::stdout()),
-            input,
-        },
-    ) {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("kiln: {}", explain(&e));
-            return EXIT_USAGE;
-        }
+    let console = Console {
+        output: Box::new(std::io::stdout()),
+        input,
     };
+    (terminal, console)
+}
+
+/// A VM from the snapshot in `dir`, with the disks and NICs of `args` instead of its own.
+fn restore(
+    host: Arc<Host>,
+    dir: &std::path::Path,
+    args: &RunArgs,
+    console: Console,
+) -> Result<Vm, i32> {
+    let snapshot = Snapshot::load(dir).map_err(|e| {
+        eprintln!("kiln: --restore: {e}");
+        EXIT_USAGE
+    })?;
+    let mut options = RestoreOptions::default();
+    for spec in &args.disk {
+        let path = key_values(spec, &["path"])
+            .and_then(|kv| {
+                kv.first()
+                    .map(|(_, v)| PathBuf::from(v))
+                    .ok_or("path=FILE is required".into())
+            })
+            .map_err(|e| {
+                eprintln!("kiln: --disk with --restore takes path=FILE only: {e}");
+                EXIT_USAGE
+            })?;
+        options.disks.push(Some(path));
+    }
+    for spec in &args.net {
+        let net = parse_net(spec).map_err(|e| {
+            eprintln!("kiln: --net: {e}");
+            EXIT_USAGE
+        })?;
+        options.nets.push(Some(net));
+    }
+    if options.disks.len() > snapshot.config().disks.len()
+        || options.nets.len() > snapshot.config().nets.len()
+    {
+        eprintln!("kiln: --restore: more --disk or --net than the snapshot's VM has");
+        return Err(EXIT_USAGE);
+    }
+    Vm::restore(host, Arc::new(snapshot), &options, console).map_err(|e| {
+        eprintln!("kiln: {}", explain(&e));
+        EXIT_USAGE
+    })
+}
+
+/// Runs the VM to its end; signals stop it (and, with `snapshot_to`, snapshot it).
+fn run_vm(mut vm: Vm, terminal: bool, snapshot_to: Option<PathBuf>) -> i32 {
+    // Signals go to one thread; vCPU threads never see them.
+    let signals = block_signals(snapshot_to.is_some());
     let handle = vm.handle();
+    let snapshotted = Arc::new(AtomicBool::new(false));
+    let done = snapshotted.clone();
     std::thread::spawn(move || loop {
         let mut sig = 0;
         // SAFETY: sigwait reads the set and writes the signal number.
-        if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
-            handle.stop();
+        if unsafe { libc::sigwait(&signals, &mut sig) } != 0 {
+            continue;
+        }
+        match (sig, &snapshot_to) {
+            (libc::SIGUSR1 | libc::SIGUSR2, Some(dir)) => {
+                if take_snapshot(&handle, dir) && sig == libc::SIGUSR2 {
+                    done.store(true, Ordering::Release);
+                    handle.stop();
+                }
+            }
+            _ => handle.stop(),
         }
     });
     let _raw = terminal.then(RawTerminal::enter).flatten();
@@ -208,6 +290,10 @@ pub fn run(args: RunArgs) -> i32 {
     drop(_raw);
     match result {
         Ok(Exit::PowerOff) => 0,
+        Ok(Exit::Stopped) if snapshotted.load(Ordering::Acquire) => {
+            eprintln!("kiln: VM stopped after its snapshot");
+            0
+        }
         Ok(Exit::Stopped) => {
             eprintln!("kiln: VM stopped");
             EXIT_INTERRUPTED
@@ -215,6 +301,28 @@ pub fn run(args: RunArgs) -> i32 {
         Err(e) => {
             eprintln!("kiln: {e}");
             EXIT_FAILED
+        }
+    }
+}
+
+/// Snapshots the VM into `dir` and says what it cost; false if it failed.
+fn take_snapshot(handle: &VmHandle, dir: &std::path::Path) -> bool {
+    match handle.snapshot(dir) {
+        Ok(r) => {
+            eprintln!(
+                "kiln: snapshot written to {} (guest paused {:.1} ms; memory {:.1} of {} MiB written; disks {:.1} MiB in {:.1} ms)",
+                dir.display(),
+                r.paused_for.as_secs_f64() * 1e3,
+                r.memory_written as f64 / (1 << 20) as f64,
+                r.memory_total >> 20,
+                r.disk_bytes as f64 / (1 << 20) as f64,
+                r.disk_copy.as_secs_f64() * 1e3,
+            );
+            true
+        }
+        Err(e) => {
+            eprintln!("kiln: snapshot: {e}");
+            false
         }
     }
 }
@@ -240,12 +348,18 @@ fn explain(e: &vmm::VmError) -> String {
     }
 }
 
-fn block_stop_signals() -> libc::sigset_t {
+/// Blocks the signals `kiln run` handles (stop; snapshot with `snapshots`) in every thread,
+/// for one thread to take with `sigwait`.
+fn block_signals(snapshots: bool) -> libc::sigset_t {
+    let mut signals = vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    if snapshots {
+        signals.extend([libc::SIGUSR1, libc::SIGUSR2]);
+    }
     // SAFETY: plain libc signal-set manipulation on a local set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        for s in signals {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

@@ -11,6 +11,17 @@ const SLP_EN: u16 = 1 << 13;
 const SLP_TYP_SHIFT: u16 = 10;
 const SLP_TYP_MASK: u16 = 7 << SLP_TYP_SHIFT;
 
+/// The PM1a registers, for a snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcpiPmState {
+    /// PM1_STS.
+    pub status: u16,
+    /// PM1_EN.
+    pub enable: u16,
+    /// PM1_CNT (SLP_EN never set: it is an action, not a state).
+    pub control: u16,
+}
+
 /// PM1a event (offsets 0–3) and control (offsets 4–5) registers, mapped contiguously.
 pub struct AcpiPm {
     status: u16,
@@ -43,6 +54,22 @@ impl AcpiPm {
     /// reaches it.
     pub fn power_button_enabled(&self) -> bool {
         self.enable & PWRBTN != 0
+    }
+
+    /// The registers, for a snapshot.
+    pub fn state(&self) -> AcpiPmState {
+        AcpiPmState {
+            status: self.status,
+            enable: self.enable,
+            control: self.control,
+        }
+    }
+
+    /// Puts back the registers of a snapshot.
+    pub fn restore(&mut self, state: AcpiPmState) {
+        self.status = state.status;
+        self.enable = state.enable;
+        self.control = state.control & !SLP_EN;
     }
 
     /// Presses the power button: sets PWRBTN_STS and raises the SCI if the guest enabled it.

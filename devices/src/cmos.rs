@@ -28,6 +28,16 @@ impl Cmos {
         Self { index: 0, nvram }
     }
 
+    /// The index register (the NVRAM itself is the owner's), for a snapshot.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Puts back the index register of a snapshot (bit 7, the NMI mask, is dropped).
+    pub fn set_index(&mut self, index: u8) {
+        self.index = index & 0x7f;
+    }
+
     fn time_register(reg: u8) -> Option<u8> {
         let secs = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
         let (y, m, d) = civil_from_days((secs / 86400) as i64);

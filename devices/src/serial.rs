@@ -4,6 +4,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use vm_superio::serial::SerialEvents;
+pub use vm_superio::serial::SerialState;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -43,6 +44,25 @@ impl Serial {
         Self {
             uart: vm_superio::Serial::with_events(IrqLine(irq), InputRoom(input_room), out),
         }
+    }
+
+    /// A UART as [`Serial::new`] makes, with the registers and receive FIFO of `state` (a
+    /// snapshot's); an interrupt it shows pending is raised again. A FIFO longer than the
+    /// UART's is refused.
+    pub fn from_state(
+        state: &SerialState,
+        irq: Arc<dyn Interrupt>,
+        out: Box<dyn Write + Send>,
+        input_room: EventFd,
+    ) -> Result<Self, String> {
+        let uart = vm_superio::Serial::from_state(state, IrqLine(irq), InputRoom(input_room), out)
+            .map_err(|e| format!("serial port state: {e:?}"))?;
+        Ok(Self { uart })
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// Free space in the receive FIFO.

@@ -892,6 +892,51 @@ static void cmd_echo(void)
 	say("PROBE-OK echo done");
 }
 
+/* One `count` step: ~0.1 s (2.5e8 TSC ticks, or 2.5e6 polls where the TSC does not move). */
+#define COUNT_TICKS 250000000UL
+#define COUNT_ITERS 2500000UL
+
+/* Prints PROBE-COUNT 1, 2, ... one step apart: `limit` lines, or forever when 0. The counter
+ * lives in guest memory and the steps are timed by the TSC, so a guest restored from a
+ * snapshot goes on from where it was. */
+static void count_lines(u64 limit)
+{
+	for (u64 n = 1; !limit || n <= limit; n++) {
+		wait_until(0, 0, COUNT_TICKS, COUNT_ITERS);
+		line_begin();
+		ps("PROBE-COUNT ");
+		pdec(n);
+		line_end();
+	}
+	line_begin();
+	ps("PROBE-OK count ");
+	pdec(limit);
+	line_end();
+}
+
+static void cmd_count(void) { count_lines(0); }
+
+static void cmd_count_n(const char *args, u32 len)
+{
+	u64 n = 0;
+	if (!len || len > 9) {
+		say("PROBE-FAIL count bad-args");
+		return;
+	}
+	for (u32 i = 0; i < len; i++) {
+		if (args[i] < '0' || args[i] > '9') {
+			say("PROBE-FAIL count bad-args");
+			return;
+		}
+		n = n * 10 + (u64)(args[i] - '0');
+	}
+	if (!n) {
+		say("PROBE-FAIL count bad-args");
+		return;
+	}
+	count_lines(n);
+}
+
 static void cmd_hlt(void)
 {
 	say("PROBE-OK hlt");
@@ -935,6 +980,7 @@ static const struct command {
 	{ "wait-powerbutton", cmd_wait_powerbutton },
 	{ "echo", cmd_echo },
 	{ "hlt", cmd_hlt },
+	{ "count", cmd_count },
 	{ "internal-error", cmd_internal_error },
 	{ "virtio", cmd_virtio },
 };
@@ -959,6 +1005,7 @@ static const struct arg_command {
 	{ "net-serve", cmd_net_serve },
 	{ "net-send", cmd_net_send },
 	{ "net-blast", cmd_net_blast },
+	{ "count", cmd_count_n },
 };
 
 static void run_word(const char *w, u32 len)

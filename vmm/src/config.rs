@@ -51,6 +51,26 @@ pub struct DiskConfig {
     pub block_size: u32,
 }
 
+impl DiskConfig {
+    /// How the image and its backing chain are opened: backing files only from
+    /// `backing_dirs`, or the image's own directory when there are none.
+    pub fn open_options(&self) -> images::OpenOptions {
+        let allowed_dirs = if self.backing_dirs.is_empty() {
+            vec![self
+                .path
+                .parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_default()]
+        } else {
+            self.backing_dirs.clone()
+        };
+        images::OpenOptions {
+            allowed_dirs,
+            ..Default::default()
+        }
+    }
+}
+
 /// A NIC on a host TAP device.
 #[derive(Clone, Debug)]
 pub struct NetConfig {
@@ -86,6 +106,11 @@ impl MacAddr {
     /// The six bytes, first on the wire first.
     pub fn octets(self) -> [u8; 6] {
         self.0
+    }
+
+    /// The address of these six bytes; `None` for a multicast one.
+    pub fn from_octets(mac: [u8; 6]) -> Option<Self> {
+        (mac[0] & 1 == 0).then_some(Self(mac))
     }
 }
 

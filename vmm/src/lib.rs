@@ -5,14 +5,19 @@
 
 pub mod backoff;
 pub mod config;
+mod cpu_state;
 mod event_loop;
 pub mod host;
 mod machine;
 pub mod sandbox;
+pub mod snapshot;
 mod vcpu;
 pub mod vm;
 
 pub use config::{parse_size, ConfigError, DiskConfig, KernelImage, MacAddr, NetConfig, VmConfig};
 pub use host::Host;
+pub use snapshot::{Snapshot, SnapshotError, SnapshotReport};
 pub use vcpu::{exit_counts, ExitReason};
-pub use vm::{Console, Exit, HandleError, Vm, VmError, VmEvent, VmHandle, VmObserver};
+pub use vm::{
+    Console, Exit, HandleError, RestoreOptions, Vm, VmError, VmEvent, VmHandle, VmObserver,
+};

@@ -31,8 +31,11 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::config::{KernelImage, VmConfig};
+use crate::cpu_state::VcpuState;
 use crate::event_loop::{ConsoleInput, EventLoop};
 use crate::host::Host;
+use crate::snapshot::state::MachineState;
+use crate::snapshot::{self, Snapshot};
 use crate::vcpu::{self, Buses};
 use crate::vm::{BootControl, SharedWriter, VmError};
 
@@ -51,8 +54,30 @@ pub(crate) struct Machine {
     events: Option<EventLoop>,
     control: Arc<BootControl>,
     // Kept alive until the vCPU threads are gone.
-    _vm: VmFd,
-    _mem: GuestMemoryMmap,
+    _parts: Arc<Parts>,
+}
+
+/// A boot's VM, memory and devices: what the owner reaches while it runs (power button,
+/// counters, snapshots).
+pub(crate) struct Parts {
+    pub vm: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub serial: Arc<Mutex<Serial>>,
+    pub cmos: Arc<Mutex<Cmos>>,
+    pub pm: Arc<Mutex<AcpiPm>>,
+    /// The virtio devices (disks, then NICs) and their transports, in the same order.
+    pub devices: Vec<SharedVirtioDevice>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl Parts {
+    /// Guest RAM regions: (guest-physical start, length).
+    pub fn mem_regions(&self) -> Vec<(u64, u64)> {
+        self.mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
 }
 
 fn build_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> VmError + '_ {
@@ -60,16 +85,22 @@ fn build_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> VmError + '_ {
 }
 
 impl Machine {
-    /// Builds the VM and starts its vCPUs.
+    /// Builds the VM and starts its vCPUs: booting the kernel, or continuing the guest of
+    /// `restore`.
     pub fn start(
         host: &Host,
         config: &VmConfig,
         persistent: &Persistent,
         control: Arc<BootControl>,
+        restore: Option<&Snapshot>,
     ) -> Result<Self, VmError> {
         install_kick_handler();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(config.memory))
-            .map_err(|e| VmError::Build(format!("cannot allocate guest memory: {e}")))?;
+        let saved = restore.map(|s| &s.state);
+        let mem = match restore {
+            Some(s) => snapshot::map_memory(s)?,
+            None => GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(config.memory))
+                .map_err(|e| VmError::Build(format!("cannot allocate guest memory: {e}")))?,
+        };
         let vm = create_vm(host)?;
         // Registering memory waits for the host (an SRCU grace period, milliseconds on some
         // hosts): do it while the guest image, devices and vCPUs are prepared.
@@ -84,20 +115,24 @@ impl Machine {
                 r
             });
             let prepared = (|| {
-                let kernel = load_guest(&mem, config)?;
+                let entry = match saved {
+                    Some(_) => None,
+                    None => Some(load_guest(&mem, config)?.entry),
+                };
                 let requests: RequestSink = control.clone();
-                let (pio, serial, room, pm) = legacy_devices(&vm, persistent, requests)?;
-                *lock(&control.power_button) = Some(pm);
-                let (mmio, virtio) = virtio_devices(&vm, &mem, config)?;
-                *lock(&control.devices) = virtio.iter().map(|v| v.device()).collect();
+                let legacy = legacy_devices(&vm, persistent, requests, saved)?;
+                let virtio = virtio_devices(&vm, &mem, config, saved)?;
                 let vcpu_fds = (0..config.vcpus)
-                    .map(|id| {
-                        let entry = (id == 0).then_some(kernel.entry);
-                        configure_vcpu(host, &vm, id, config.vcpus, entry)
+                    .map(|id| match saved {
+                        Some(s) => restore_vcpu(&vm, id, &s.vcpus[usize::from(id)]),
+                        None => {
+                            let entry = (id == 0).then_some(entry).flatten();
+                            configure_vcpu(host, &vm, id, config.vcpus, entry)
+                        }
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 tracing::debug!("guest loaded, devices and vCPUs configured");
-                Ok::<_, VmError>((pio, mmio, virtio, serial, room, vcpu_fds))
+                Ok::<_, VmError>((legacy, virtio, vcpu_fds))
             })();
             let slots = slots
                 .join()
@@ -105,8 +140,21 @@ impl Machine {
             (prepared, slots)
         });
         slots?;
-        let (pio, mmio, virtio, serial, room, vcpu_fds) = prepared?;
+        let ((pio, serial, room, pm, cmos), (mmio, virtio, transports), vcpu_fds) = prepared?;
+        if let Some(s) = saved {
+            snapshot::restore_vm_state(&vm, &s.vm)?;
+        }
         let buses = Arc::new(Buses { pio, mmio });
+        let parts = Arc::new(Parts {
+            vm,
+            mem,
+            serial: serial.clone(),
+            cmos,
+            pm,
+            devices: virtio.iter().map(|v| v.device()).collect(),
+            transports,
+        });
+        *lock(&control.parts) = Some(parts.clone());
 
         let console = match &persistent.input {
             Some(f) => Some(ConsoleInput {
@@ -126,8 +174,7 @@ impl Machine {
         let machine = Machine {
             events: Some(events),
             control: control.clone(),
-            _vm: vm,
-            _mem: mem,
+            _parts: parts,
         };
         // The test hook of the sandbox (see `sandbox::test_forbidden_call`) runs only in VMs
         // whose command line asks for it.
@@ -135,8 +182,12 @@ impl Machine {
             .cmdline
             .split_ascii_whitespace()
             .any(|w| w == "kiln.test-forbidden-syscall");
+        let save = Arc::new(vcpu::SaveList {
+            msrs: host.msrs.clone(),
+            xcrs: host.kvm.check_extension(kvm_ioctls::Cap::Xcrs),
+        });
         for (id, fd) in vcpu_fds.into_iter().enumerate() {
-            let (buses, vcpu_control) = (buses.clone(), control.clone());
+            let (buses, vcpu_control, save) = (buses.clone(), control.clone(), save.clone());
             let t = std::thread::Builder::new()
                 .name(format!("kiln-vcpu{id}"))
                 .spawn(move || {
@@ -153,7 +204,7 @@ impl Machine {
                         return;
                     }
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        vcpu::run(fd, id as u8, buses, vcpu_control)
+                        vcpu::run(fd, id as u8, buses, vcpu_control, &save)
                     }));
                     if let Err(p) = r {
                         let msg = p
@@ -308,27 +359,19 @@ fn acpi_config(config: &VmConfig) -> AcpiConfig {
     }
 }
 
-type VirtioDevices = (Bus, Vec<VirtioEvents>);
+type VirtioDevices = (Bus, Vec<VirtioEvents>, Vec<Arc<Mutex<MmioTransport>>>);
 
 /// The disks and NICs: each a virtio-mmio transport on the MMIO bus, an irqfd, one ioeventfd
-/// per queue, and a subscriber for the event loop.
+/// per queue, and a subscriber for the event loop; with `saved`, each in its saved state.
 fn virtio_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     config: &VmConfig,
+    saved: Option<&MachineState>,
 ) -> Result<VirtioDevices, VmError> {
     let mut devs: Vec<SharedVirtioDevice> = Vec::new();
     for d in &config.disks {
-        let allowed_dirs = if d.backing_dirs.is_empty() {
-            vec![d.path.parent().map(|p| p.to_path_buf()).unwrap_or_default()]
-        } else {
-            d.backing_dirs.clone()
-        };
-        let opts = images::OpenOptions {
-            allowed_dirs,
-            ..Default::default()
-        };
-        let disk = images::open_disk(&d.path, d.read_only, &opts)
+        let disk = images::open_disk(&d.path, d.read_only, &d.open_options())
             .map_err(|e| VmError::Build(format!("disk {}: {e}", d.path.display())))?;
         devs.push(Arc::new(Mutex::new(
             Block::new(disk, d.read_only, &d.serial).with_block_size(d.block_size),
@@ -341,7 +384,8 @@ fn virtio_devices(
     let io = |e: std::io::Error| VmError::Build(format!("virtio set-up: {e}"));
     let mut bus = Bus::new();
     let mut subscribers = Vec::new();
-    for (dev, slot) in devs.into_iter().zip(config.virtio_slots()) {
+    let mut transports = Vec::new();
+    for (i, (dev, slot)) in devs.into_iter().zip(config.virtio_slots()).enumerate() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
         vm.register_irqfd(&irq, slot.gsi)
             .map_err(build_err("irqfd"))?;
@@ -360,22 +404,37 @@ fn virtio_devices(
             .collect::<Result<Vec<_>, _>>()
             .map_err(io)?;
         let interrupt = Arc::new(VirtioInterrupt::new(Arc::new(irq)));
-        let transport = MmioTransport::new(dev.clone(), mem.clone(), interrupt, clones)
+        let mut transport = MmioTransport::new(dev.clone(), mem.clone(), interrupt, clones)
             .map_err(VmError::Build)?;
-        bus.insert(slot.base, slot.len, Arc::new(Mutex::new(transport)))
+        if let Some(v) = saved.and_then(|s| s.virtio.get(i)) {
+            transport
+                .restore(&v.transport, v.active.as_deref())
+                .map_err(|e| VmError::Build(format!("virtio device {i} from the snapshot: {e}")))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(slot.base, slot.len, transport.clone())
             .map_err(|e| VmError::Build(e.to_string()))?;
+        transports.push(transport);
         subscribers.push(VirtioEvents::new(dev, evts));
     }
-    Ok((bus, subscribers))
+    Ok((bus, subscribers, transports))
 }
 
-type LegacyDevices = (Bus, Arc<Mutex<Serial>>, EventFd, Arc<Mutex<AcpiPm>>);
+type LegacyDevices = (
+    Bus,
+    Arc<Mutex<Serial>>,
+    EventFd,
+    Arc<Mutex<AcpiPm>>,
+    Arc<Mutex<Cmos>>,
+);
 
-/// COM1, the i8042, the CMOS RTC and the ACPI registers on the port bus, with irqfds.
+/// COM1, the i8042, the CMOS RTC and the ACPI registers on the port bus, with irqfds; with
+/// `saved`, in their saved state.
 fn legacy_devices(
     vm: &VmFd,
     persistent: &Persistent,
     requests: RequestSink,
+    saved: Option<&MachineState>,
 ) -> Result<LegacyDevices, VmError> {
     let io = |e: std::io::Error| VmError::Build(format!("device setup: {e}"));
     let irqfd = |gsi: u8| -> Result<Arc<EventFd>, VmError> {
@@ -385,11 +444,23 @@ fn legacy_devices(
         Ok(Arc::new(evt))
     };
     let room = EventFd::new(libc::EFD_NONBLOCK).map_err(io)?;
-    let serial = Arc::new(Mutex::new(Serial::new(
+    let (irq, out, room2) = (
         irqfd(legacy::COM1.1)?,
         Box::new(persistent.output.clone()),
         room.try_clone().map_err(io)?,
-    )));
+    );
+    let serial = Arc::new(Mutex::new(match saved {
+        Some(s) => Serial::from_state(&s.serial, irq, out, room2).map_err(VmError::Build)?,
+        None => Serial::new(irq, out, room2),
+    }));
+    let mut cmos = Cmos::new(persistent.nvram.clone());
+    let mut pm = AcpiPm::new(S5_SLEEP_TYPE, irqfd(legacy::SCI_IRQ)?, requests.clone());
+    if let Some(s) = saved {
+        cmos.set_index(s.cmos_index);
+        pm.restore(s.acpi_pm);
+    }
+    let cmos = Arc::new(Mutex::new(cmos));
+    let pm = Arc::new(Mutex::new(pm));
     let mut pio = Bus::new();
     let overlap = |e: devices::bus::Overlap| VmError::Build(e.to_string());
     pio.insert(legacy::COM1.0.into(), 8, serial.clone())
@@ -400,17 +471,8 @@ fn legacy_devices(
         Arc::new(Mutex::new(I8042::new(requests.clone()))),
     )
     .map_err(overlap)?;
-    pio.insert(
-        legacy::CMOS.0.into(),
-        2,
-        Arc::new(Mutex::new(Cmos::new(persistent.nvram.clone()))),
-    )
-    .map_err(overlap)?;
-    let pm = Arc::new(Mutex::new(AcpiPm::new(
-        S5_SLEEP_TYPE,
-        irqfd(legacy::SCI_IRQ)?,
-        requests.clone(),
-    )));
+    pio.insert(legacy::CMOS.0.into(), 2, cmos.clone())
+        .map_err(overlap)?;
     pio.insert(legacy::PM1A_EVT.into(), AcpiPm::LEN, pm.clone())
         .map_err(overlap)?;
     debug_assert_eq!(
@@ -423,7 +485,18 @@ fn legacy_devices(
         Arc::new(Mutex::new(ResetRegister::new(requests))),
     )
     .map_err(overlap)?;
-    Ok((pio, serial, room, pm))
+    Ok((pio, serial, room, pm, cmos))
+}
+
+/// Creates vCPU `id` with the state it had in a snapshot.
+fn restore_vcpu(vm: &VmFd, id: u8, state: &VcpuState) -> Result<VcpuFd, VmError> {
+    let vcpu = vm
+        .create_vcpu(id.into())
+        .map_err(build_err("create vCPU"))?;
+    state
+        .restore(&vcpu)
+        .map_err(|e| VmError::Build(format!("vCPU {id} from the snapshot: {e}")))?;
+    Ok(vcpu)
 }
 
 /// Creates vCPU `id` with CPUID, MSRs, FPU and LAPIC set; the boot vCPU also gets its entry

@@ -9,6 +9,7 @@ use devices::{Bus, GuestRequest, GuestRequests};
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::cpu_state::{self, VcpuState};
 use crate::vm::{BootControl, Outcome};
 
 /// Why `KVM_RUN` returned to Kiln, as counted by [`exit_counts`].
@@ -132,12 +133,32 @@ impl Drop for KickTarget {
     }
 }
 
+/// What a vCPU saves of itself for a snapshot besides its registers.
+pub(crate) struct SaveList {
+    /// The MSRs (KVM's list of MSRs to save).
+    pub msrs: Vec<u32>,
+    /// Whether KVM has `KVM_GET_XCRS`.
+    pub xcrs: bool,
+}
+
 /// Runs `vcpu` until the boot ends: the guest powers off or resets, the VM is stopped, or
-/// something fails (reported to `control` with the vCPU state).
-pub(crate) fn run(mut vcpu: VcpuFd, id: u8, buses: Arc<Buses>, control: Arc<BootControl>) {
+/// something fails (reported to `control` with the vCPU state). While the VM is paused it
+/// saves its state when a snapshot asks.
+pub(crate) fn run(
+    mut vcpu: VcpuFd,
+    id: u8,
+    buses: Arc<Buses>,
+    control: Arc<BootControl>,
+    save: &SaveList,
+) {
     let _kick = KickTarget::set(&mut vcpu);
     while !control.is_ending() {
-        control.gate.park_while_paused(&control);
+        control
+            .gate
+            .park_while_paused(&control, id.into(), &mut || {
+                cpu_state::complete_pending_io(&mut vcpu);
+                VcpuState::save(&vcpu, &save.msrs, save.xcrs)
+            });
         if control.is_ending() {
             break;
         }

@@ -7,14 +7,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use devices::acpi_pm::AcpiPm;
 use devices::bus::lock;
 use devices::{GuestRequest, GuestRequests};
 use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 use crate::config::{ConfigError, VmConfig};
+use crate::cpu_state::VcpuState;
 use crate::host::Host;
-use crate::machine::{Machine, Persistent};
+use crate::machine::{Machine, Parts, Persistent};
+use crate::snapshot::{Snapshot, SnapshotError};
 
 /// How a VM ended without failing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +38,9 @@ pub enum VmError {
     /// The VM failed while running.
     #[error("the VM failed: {0}")]
     Failed(String),
+    /// The snapshot cannot be restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 impl From<boot::Error> for VmError {
@@ -89,12 +93,19 @@ pub(crate) struct PauseGate {
 struct PauseState {
     paused: bool,
     parked: usize,
+    /// vCPUs asked to save their state while parked, by id.
+    save_wanted: Vec<bool>,
+    /// What each of them saved.
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
+
+/// How a parked vCPU thread saves its own state when a snapshot asks (its fd is its own).
+pub(crate) type SaveVcpu<'a> = &'a mut dyn FnMut() -> Result<VcpuState, String>;
 
 impl PauseGate {
     /// Called by a vCPU thread before each `KVM_RUN`: blocks while the VM is paused and the
     /// boot is not ending.
-    pub fn park_while_paused(&self, control: &BootControl) {
+    pub fn park_while_paused(&self, control: &BootControl, id: usize, save: SaveVcpu<'_>) {
         // A pause that lands just after this check is not missed: pause() kicks the vCPUs
         // out of KVM_RUN until all of them are parked.
         if !self.paused.load(Ordering::Acquire) {
@@ -107,6 +118,15 @@ impl PauseGate {
         s.parked += 1;
         self.changed.notify_all();
         while s.paused && !control.is_ending() {
+            if s.save_wanted.get(id).copied().unwrap_or(false) {
+                s.save_wanted[id] = false;
+                let r = save();
+                if let Some(slot) = s.saved.get_mut(id) {
+                    *slot = Some(r);
+                }
+                self.changed.notify_all();
+                continue;
+            }
             s = self
                 .changed
                 .wait_timeout(s, Duration::from_millis(50))
@@ -114,6 +134,38 @@ impl PauseGate {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
         s.parked -= 1;
+    }
+
+    /// Asks each of `n` parked vCPUs for its state and waits for all of them, at most
+    /// `timeout`.
+    fn collect_states(&self, n: usize, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let end = std::time::Instant::now() + timeout;
+        let mut s = lock(&self.state);
+        s.save_wanted = vec![true; n];
+        s.saved = (0..n).map(|_| None).collect();
+        self.changed.notify_all();
+        while s.saved.iter().any(|r| r.is_none()) {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.save_wanted.clear();
+                return Err(format!(
+                    "the vCPUs did not save their state within {timeout:?}"
+                ));
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left.min(Duration::from_millis(50)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        std::mem::take(&mut s.saved)
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.unwrap_or_else(|| Err("no state".into()))
+                    .map_err(|e| format!("vCPU {i}: {e}"))
+            })
+            .collect()
     }
 
     fn set_paused(&self, paused: bool) {
@@ -134,10 +186,9 @@ pub(crate) struct BootControl {
     /// their handles, and a handle leaves this list (under its lock) before it is joined, so
     /// no kick ever reaches a thread that was joined.
     vcpus: Mutex<Vec<JoinHandle<()>>>,
-    /// The ACPI registers, for pressing the power button.
-    pub power_button: Mutex<Option<Arc<Mutex<AcpiPm>>>>,
-    /// The virtio devices of this boot (disks, then NICs), for their counters.
-    pub devices: Mutex<Vec<devices::virtio::SharedVirtioDevice>>,
+    /// The boot's VM, memory and devices, once built: for the power button, device
+    /// counters and snapshots.
+    pub parts: Mutex<Option<Arc<Parts>>>,
 }
 
 impl BootControl {
@@ -148,8 +199,7 @@ impl BootControl {
             ending: AtomicBool::new(false),
             gate,
             vcpus: Mutex::new(Vec::new()),
-            power_button: Mutex::new(None),
-            devices: Mutex::new(Vec::new()),
+            parts: Mutex::new(None),
         }
     }
 
@@ -209,8 +259,7 @@ impl BootControl {
     /// good, and with them the boot's eventfds, disk images and TAP (which the next boot
     /// could then not open: a TAP takes one owner).
     fn release_devices(&self) {
-        lock(&self.power_button).take();
-        lock(&self.devices).clear();
+        lock(&self.parts).take();
     }
 
     fn wait(&self) -> Outcome {
@@ -233,13 +282,16 @@ impl GuestRequests for BootControl {
     }
 }
 
-#[derive(Default)]
 struct Shared {
     stop: AtomicBool,
     current: Mutex<Option<Arc<BootControl>>>,
     boots: AtomicU32,
     gate: Arc<PauseGate>,
     vcpus: usize,
+    /// The configuration (what a snapshot records of the host side).
+    config: VmConfig,
+    /// The CMOS NVRAM, kept across boots.
+    nvram: devices::cmos::Nvram,
 }
 
 /// What a [`VmHandle`] call could not do.
@@ -275,31 +327,45 @@ impl VmHandle {
         lock(&self.0.current).clone().ok_or(HandleError::NotRunning)
     }
 
+    /// The current boot's VM, memory and devices.
+    pub(crate) fn parts(&self) -> Result<Arc<Parts>, HandleError> {
+        lock(&self.current()?.parts)
+            .clone()
+            .ok_or(HandleError::NotRunning)
+    }
+
+    /// The VM's configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.0.config
+    }
+
+    pub(crate) fn nvram(&self) -> devices::cmos::Nvram {
+        self.0.nvram.clone()
+    }
+
+    /// The state of every vCPU; the VM must be paused.
+    pub(crate) fn vcpu_states(&self, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        self.0.gate.collect_states(self.0.vcpus, timeout)
+    }
+
     /// Presses the ACPI power button (a graceful stop: the guest decides).
     pub fn press_power_button(&self) -> Result<(), HandleError> {
-        let c = self.current()?;
-        let pm = lock(&c.power_button)
-            .clone()
-            .ok_or(HandleError::NotRunning)?;
-        lock(&pm).press_power_button();
+        lock(&self.parts()?.pm).press_power_button();
         Ok(())
     }
 
     /// True when the running guest enabled the ACPI power button event: a press reaches
     /// it. A guest that did not (no ACPI, or not booted that far) never reacts to one.
     pub fn listens_to_power_button(&self) -> bool {
-        let Ok(c) = self.current() else {
-            return false;
-        };
-        let pm = lock(&c.power_button).clone();
-        pm.is_some_and(|pm| lock(&pm).power_button_enabled())
+        self.parts()
+            .is_ok_and(|p| lock(&p.pm).power_button_enabled())
     }
 
     /// The counters of each virtio device of the current boot (disks, then NICs, in
     /// configuration order); they start from zero at every boot.
     pub fn device_counters(&self) -> Result<Vec<Vec<(&'static str, u64)>>, HandleError> {
-        let devs = lock(&self.current()?.devices).clone();
-        Ok(devs.iter().map(|d| lock(d).counters()).collect())
+        let parts = self.parts()?;
+        Ok(parts.devices.iter().map(|d| lock(d).counters()).collect())
     }
 
     /// A hard reset: the guest re-boots in place at once.
@@ -381,27 +447,74 @@ pub struct Vm {
     persistent: Persistent,
     shared: Arc<Shared>,
     observer: Option<VmObserver>,
+    /// The snapshot the first boot continues from, instead of booting the kernel.
+    restore: Option<Arc<Snapshot>>,
+}
+
+/// What a restored VM changes from the snapshot's configuration: clones get their own disks,
+/// TAPs and MACs.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Per disk, in order: the image to use instead of the path the VM had (for a clone, a
+    /// qcow2 overlay on [`Snapshot::disk_copy`]). `None` or absent: the recorded path, as it
+    /// is now.
+    pub disks: Vec<Option<std::path::PathBuf>>,
+    /// Per NIC, in order: the TAP device and MAC to use instead of the recorded ones.
+    pub nets: Vec<Option<crate::config::NetConfig>>,
 }
 
 impl Vm {
     /// Validates `config` against `host`; nothing runs until [`Vm::run`].
     pub fn new(host: Arc<Host>, config: VmConfig, console: Console) -> Result<Self, VmError> {
         config.validate(&host)?;
-        let vcpus = usize::from(config.vcpus);
+        let nvram: devices::cmos::Nvram = Arc::new(Mutex::new([0; 128]));
         Ok(Self {
-            host,
-            config,
             persistent: Persistent {
                 output: SharedWriter(Arc::new(Mutex::new(console.output))),
                 input: console.input,
-                nvram: Arc::new(Mutex::new([0; 128])),
+                nvram: nvram.clone(),
             },
             shared: Arc::new(Shared {
-                vcpus,
-                ..Default::default()
+                stop: AtomicBool::new(false),
+                current: Mutex::new(None),
+                boots: AtomicU32::new(0),
+                gate: Arc::default(),
+                vcpus: usize::from(config.vcpus),
+                config: config.clone(),
+                nvram,
             }),
+            host,
+            config,
             observer: None,
+            restore: None,
         })
+    }
+
+    /// A VM whose first run continues the guest of `snapshot` where it was paused (its
+    /// memory shared copy-on-write with every other VM restored from it), with `options`
+    /// applied to the snapshot's configuration. A guest reset later boots the kernel afresh.
+    /// Nothing runs until [`Vm::run`], which fails if KVM refuses the saved state.
+    pub fn restore(
+        host: Arc<Host>,
+        snapshot: Arc<Snapshot>,
+        options: &RestoreOptions,
+        console: Console,
+    ) -> Result<Self, VmError> {
+        let mut config = snapshot.config().clone();
+        for (d, path) in config.disks.iter_mut().zip(&options.disks) {
+            if let Some(p) = path {
+                d.path = p.clone();
+            }
+        }
+        for (n, with) in config.nets.iter_mut().zip(&options.nets) {
+            if let Some(w) = with {
+                *n = w.clone();
+            }
+        }
+        let mut vm = Self::new(host, config, console)?;
+        *lock(&vm.persistent.nvram) = snapshot.state.nvram;
+        vm.restore = Some(snapshot);
+        Ok(vm)
     }
 
     /// Reports boots and reboots to `observer`.
@@ -444,8 +557,14 @@ impl Vm {
                 return Ok(Exit::Stopped);
             }
             let boot = self.shared.boots.fetch_add(1, Ordering::AcqRel) + 1;
-            let machine =
-                Machine::start(&self.host, &self.config, &self.persistent, control.clone());
+            let restore = self.restore.take();
+            let machine = Machine::start(
+                &self.host,
+                &self.config,
+                &self.persistent,
+                control.clone(),
+                restore.as_deref(),
+            );
             let machine = match machine {
                 Ok(m) => m,
                 Err(e) => {

@@ -397,6 +397,14 @@ impl VirtioDevice for Block {
     fn queue_notified(&mut self, _index: usize) {
         self.process_queue();
     }
+
+    fn queue_states(&self) -> Option<Vec<super::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+
+    fn disk(&mut self) -> Option<&mut dyn DiskBackend> {
+        Some(self.disk.as_mut())
+    }
 }
 
 #[cfg(test)]

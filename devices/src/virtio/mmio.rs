@@ -6,7 +6,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Activation, SharedVirtioDevice, VirtioInterrupt, INT_CONFIG, VIRTIO_F_VERSION_1};
+use super::{
+    Activation, QueueState, SharedVirtioDevice, VirtioInterrupt, INT_CONFIG, VIRTIO_F_VERSION_1,
+};
 use crate::bus::lock;
 use crate::BusDevice;
 
@@ -25,6 +27,31 @@ const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 0x40;
 const STATUS_FAILED: u32 = 0x80;
+
+/// What a snapshot keeps of a transport: its registers, its queues' registers (the
+/// transport's copies, which are what the driver set up; an active device holds the live
+/// queues, see [`super::VirtioDevice::queue_states`]) and the interrupt status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransportState {
+    /// Device status register (DRIVER_OK and friends).
+    pub status: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus: interrupts raised and not yet acknowledged.
+    pub interrupt_status: u32,
+    /// The device found a queue broken (DEVICE_NEEDS_RESET shows).
+    pub broken: bool,
+    /// The queue registers, one per queue.
+    pub queues: Vec<QueueState>,
+}
 
 /// One virtio-mmio device as the guest's vCPUs see it.
 pub struct MmioTransport {
@@ -82,6 +109,105 @@ impl MmioTransport {
             queue_sel: 0,
             config_generation: 0,
         })
+    }
+
+    /// The registers, queues and interrupt status, for a snapshot.
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            broken: self.interrupt.is_broken(),
+            queues: self.queues.iter().map(|q| q.state()).collect(),
+        }
+    }
+
+    /// Puts back the registers of a snapshot, and restarts the device with `active` (its
+    /// queues, from [`super::VirtioDevice::queue_states`]) when it was running. A state that
+    /// does not fit this device (queue count, sizes, features it never offered, rings outside
+    /// guest memory) is refused: the snapshot is corrupt or not this machine's.
+    pub fn restore(
+        &mut self,
+        state: &TransportState,
+        active: Option<&[QueueState]>,
+    ) -> Result<(), String> {
+        if state.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if state.driver_features & !self.device_features != 0 {
+            return Err(format!(
+                "driver features {:#x} were never offered",
+                state.driver_features
+            ));
+        }
+        let to_queue = |(q, s): (&Queue, &QueueState)| {
+            if s.max_size != q.max_size() {
+                return Err(format!(
+                    "queue size {} saved, {} offered",
+                    s.max_size,
+                    q.max_size()
+                ));
+            }
+            Queue::try_from(*s).map_err(|e| format!("saved queue: {e:?}"))
+        };
+        let queues = self
+            .queues
+            .iter()
+            .zip(&state.queues)
+            .map(to_queue)
+            .collect::<Result<Vec<_>, _>>()?;
+        let running = match active {
+            Some(saved) => {
+                if saved.len() != self.queues.len() {
+                    return Err("the device's saved queues do not match it".into());
+                }
+                let live = self
+                    .queues
+                    .iter()
+                    .zip(saved)
+                    .map(to_queue)
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (i, q) in live.iter().enumerate() {
+                    if q.ready() && !q.is_valid(&self.mem) {
+                        return Err(format!("queue {i} lies outside guest memory"));
+                    }
+                }
+                Some(live)
+            }
+            None => None,
+        };
+        self.queues = queues;
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        if let Some(queues) = running {
+            let activation = Activation {
+                mem: self.mem.clone(),
+                queues,
+                features: self.driver_features,
+                interrupt: self.interrupt.clone(),
+            };
+            lock(&self.device)
+                .activate(activation)
+                .map_err(|e| format!("restarting the device: {}", e.0))?;
+            // Requests made available before the snapshot and not yet taken.
+            for evt in &self.queue_evts {
+                let _ = evt.write(1);
+            }
+        }
+        self.interrupt.restore(state.interrupt_status, state.broken);
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

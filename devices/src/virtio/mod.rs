@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+pub use virtio_queue::QueueState;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -149,6 +150,19 @@ impl VirtioInterrupt {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
+    /// Puts back the InterruptStatus register and the broken flag of a snapshot, raising
+    /// the interrupt again if one was pending (a spurious one is harmless: drivers read the
+    /// status first, and the in-kernel IOAPIC may have lost an edge it never delivered).
+    pub fn restore(&self, status: u32, broken: bool) {
+        self.status.store(status, Ordering::Release);
+        self.broken.store(broken, Ordering::Release);
+        if status != 0 {
+            if let Err(e) = self.irq.trigger() {
+                tracing::warn!("virtio interrupt: {e}");
+            }
+        }
+    }
+
     /// Device reset: no pending interrupt, not broken.
     pub fn reset(&self) {
         self.status.store(0, Ordering::Release);
@@ -193,6 +207,15 @@ pub trait VirtioDevice: Send {
     /// The device's counters since it was made (name, value), for metrics.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
+    }
+    /// The queues of an active device with their ring positions (for a snapshot); `None`
+    /// while the driver has not started it. Restoring one is [`VirtioDevice::activate`]
+    /// with these queues.
+    fn queue_states(&self) -> Option<Vec<QueueState>>;
+    /// The disk behind a block device, for taking its snapshot while the device is locked
+    /// (so that no request is half done); `None` for other devices.
+    fn disk(&mut self) -> Option<&mut dyn images::DiskBackend> {
+        None
     }
     /// Other file descriptors the event loop should watch for this device (edge-triggered).
     fn extra_fds(&self) -> Vec<RawFd> {

@@ -268,6 +268,13 @@ impl VirtioDevice for Net {
         }
     }
 
+    fn queue_states(&self) -> Option<Vec<super::QueueState>> {
+        // A frame read from the TAP and not yet delivered is not kept: networks lose frames.
+        self.active
+            .as_ref()
+            .map(|a| vec![a.rx.state(), a.tx.state()])
+    }
+
     fn extra_fds(&self) -> Vec<RawFd> {
         vec![self.tap.as_raw_fd()]
     }
