@@ -28,6 +28,17 @@ pub trait DiskBackend: Send {
     /// Whether the disk was opened read-only (writes then fail with [`crate::Error::ReadOnly`]).
     fn read_only(&self) -> bool;
 
+    /// Takes an internal snapshot named `name` of the disk as every completed write left it
+    /// (qcow2 only; a raw disk's snapshot is a copy of its file, see
+    /// [`crate::snapshot_raw`]).
+    fn create_snapshot(&mut self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(crate::Error::InvalidArgument(
+            "internal snapshots need a qcow2 image; a raw disk is snapshotted by copying its file"
+                .into(),
+        ))
+    }
+
     /// What the bytes from `offset` are, as far as the backend knows without reading them,
     /// and how many bytes from `offset` share that answer (at least 1 and at most `len`, or
     /// 0 when `len` is 0). [`Extent::Zero`] is a promise that the bytes read as zeros;

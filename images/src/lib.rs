@@ -17,6 +17,13 @@
 //! | [`clone_image`] | an independent copy in either format, backing chains flattened |
 //! | [`import`] | a new disk from a raw or qcow2 byte stream of unknown length |
 //! | [`export`] | a disk as a raw or qcow2 byte stream, written strictly sequentially |
+//! | [`snapshot_raw`] | a raw disk's point-in-time copy: a reflink, else its data extents |
+//! | [`create_from_snapshot`] | a new disk from a qcow2 image's internal snapshot |
+//!
+//! Disk snapshots: a qcow2 image keeps internal snapshots ([`Qcow2Disk::create_snapshot`],
+//! [`Qcow2Disk::snapshots`], [`Qcow2Disk::delete_snapshot`], [`Qcow2Disk::revert_to_snapshot`],
+//! also through [`DiskBackend::create_snapshot`] on an open disk), as QEMU does; a raw disk's
+//! snapshot is a file ([`snapshot_raw`]).
 //!
 //! They refuse destinations that exist and leave nothing behind when they fail. Copies and
 //! exports skip what [`DiskBackend::extent`] knows to read as zeros, and never allocate
@@ -43,10 +50,10 @@ use std::path::{Path, PathBuf};
 pub use backend::{DiskBackend, Extent};
 pub use error::{Error, Result};
 pub use ops::{
-    clone_image, copy_to_raw, create_blank, create_overlay, export, grow, import, info, ImageInfo,
-    ImportSummary,
+    clone_image, copy_to_raw, create_blank, create_from_snapshot, create_overlay, export, grow,
+    import, info, snapshot_raw, ImageInfo, ImportSummary, RawCopy,
 };
-pub use qcow2::Qcow2Disk;
+pub use qcow2::{Qcow2Disk, SnapshotInfo};
 pub use raw::RawDisk;
 
 /// The on-disk format of an image file.

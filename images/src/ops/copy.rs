@@ -33,7 +33,7 @@ pub fn copy_to_raw(
     check_regular(src)?;
     refuse_existing(dst)?;
     let guard = match detect_format(src)? {
-        Format::Raw => copy_raw_file(&RawDisk::open(src, true)?, dst, progress)?,
+        Format::Raw => copy_raw_file(&RawDisk::open(src, true)?, dst, progress)?.0,
         Format::Qcow2 => backend_to_raw(&mut Qcow2Disk::open(src, true, opts)?, dst, progress)?,
     };
     guard.keep();
@@ -110,9 +110,56 @@ pub(super) fn backend_to_qcow2(
     Ok(guard)
 }
 
+/// How a raw disk's point-in-time copy was made ([`snapshot_raw`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawCopy {
+    /// A reflink: no data copied, blocks shared copy-on-write with the disk.
+    pub reflinked: bool,
+    /// Bytes of data copied (the data extents, holes skipped); 0 for a reflink.
+    pub copied: u64,
+}
+
+/// Makes `dst` (a new file) a point-in-time copy of the raw disk at `src`: a reflink
+/// (`FICLONE`) where the file system has them (btrfs, XFS), else a copy of its data extents.
+/// Says which, and how much was copied. The caller keeps writers away meanwhile (a running
+/// disk's device holds its lock). Fails if `dst` exists; on error `dst` is removed.
+pub fn snapshot_raw(src: &Path, dst: &Path) -> Result<RawCopy> {
+    check_regular(src)?;
+    refuse_existing(dst)?;
+    let (guard, copy) = copy_raw_file(&RawDisk::open(src, true)?, dst, &mut |_| {})?;
+    guard.keep();
+    Ok(copy)
+}
+
+/// Makes `dst`, a new image in `format`, an independent disk with the content of the qcow2
+/// image at `src` as it was when its internal snapshot `snapshot` (a name or an id) was
+/// taken. Fails if `dst` exists; on error `dst` is removed.
+pub fn create_from_snapshot(
+    src: &Path,
+    snapshot: &str,
+    dst: &Path,
+    format: Format,
+    opts: &OpenOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    check_regular(src)?;
+    refuse_existing(dst)?;
+    let mut disk = Qcow2Disk::open_snapshot(src, snapshot, opts)?;
+    let guard = match format {
+        Format::Raw => backend_to_raw(&mut disk, dst, progress)?,
+        Format::Qcow2 => backend_to_qcow2(&mut disk, dst, progress)?,
+    };
+    guard.keep();
+    Ok(())
+}
+
 /// Copies a raw image file into `dst`, a new file: a reflink where the file system can make
 /// one, else its data extents only.
-fn copy_raw_file(src: &RawDisk, dst: &Path, progress: &mut dyn FnMut(u64)) -> Result<Cleanup> {
+fn copy_raw_file(
+    src: &RawDisk,
+    dst: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(Cleanup, RawCopy)> {
     let (file, guard) = create_new(dst)?;
     let io = |e| {
         Error::io(
@@ -122,10 +169,15 @@ fn copy_raw_file(src: &RawDisk, dst: &Path, progress: &mut dyn FnMut(u64)) -> Re
     };
     let size = src.size();
     let from = src.file();
+    let mut copy = RawCopy {
+        reflinked: false,
+        copied: 0,
+    };
     if rustix::fs::ioctl_ficlone(&file, from).is_ok() {
         // The clone has the source's length as it is now; the disk's size is what was
         // measured when it was opened.
         file.set_len(size).map_err(io)?;
+        copy.reflinked = true;
     } else {
         file.set_len(size).map_err(io)?;
         let mut pos = 0;
@@ -133,6 +185,7 @@ fn copy_raw_file(src: &RawDisk, dst: &Path, progress: &mut dyn FnMut(u64)) -> Re
             let (data, end) = fileio::file_extent(from, pos, size);
             if data {
                 copy_range(from, &file, pos, end - pos, progress).map_err(io)?;
+                copy.copied += end - pos;
             }
             pos = end;
             progress(pos);
@@ -140,7 +193,7 @@ fn copy_raw_file(src: &RawDisk, dst: &Path, progress: &mut dyn FnMut(u64)) -> Re
     }
     file.sync_all().map_err(io)?;
     progress(size);
-    Ok(guard)
+    Ok((guard, copy))
 }
 
 /// Copies `len` bytes at `offset` from `from` to the same offset of `to`, by

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::qcow2::DEFAULT_CLUSTER_BITS;
 use crate::{detect_format, Format, OpenOptions, Qcow2Disk, RawDisk};
 
-pub use copy::{clone_image, copy_to_raw};
+pub use copy::{clone_image, copy_to_raw, create_from_snapshot, snapshot_raw, RawCopy};
 pub use export::export;
 pub use import::{import, ImportSummary};
 

@@ -84,6 +84,7 @@ impl Qcow2Disk {
             refcount_table_offset: cs,
             refcount_table_clusters: rt_clusters as u32,
             nb_snapshots: 0,
+            snapshots_offset: 0,
             incompatible_features: 0,
             autoclear_features: 0,
             refcount_order: NEW_REFCOUNT_ORDER,

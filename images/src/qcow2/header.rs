@@ -55,6 +55,7 @@ pub(crate) struct Header {
     pub refcount_table_offset: u64,
     pub refcount_table_clusters: u32,
     pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
     pub incompatible_features: u64,
     pub autoclear_features: u64,
     pub refcount_order: u32,
@@ -240,7 +241,13 @@ impl Header {
             &invalid,
         )?;
 
-        // Snapshot table: only its place is checked, its contents are not used.
+        // Snapshot table: its place here, its entries when it is read (snapshot.rs).
+        if nb_snapshots > super::snapshot::MAX_SNAPSHOTS {
+            return Err(invalid(format!(
+                "{nb_snapshots} internal snapshots; at most {} are allowed",
+                super::snapshot::MAX_SNAPSHOTS
+            )));
+        }
         if nb_snapshots > 0
             && (!snapshots_offset.is_multiple_of(cs) || snapshots_offset >= file_len)
         {
@@ -316,6 +323,7 @@ impl Header {
             refcount_table_offset,
             refcount_table_clusters,
             nb_snapshots,
+            snapshots_offset,
             incompatible_features,
             autoclear_features,
             refcount_order,

@@ -142,6 +142,18 @@ impl L2Cache {
         Ok(&mut self.tables[i].entries)
     }
 
+    /// Records a freshly written table.
+    pub fn insert(&mut self, offset: u64, entries: Vec<u64>) {
+        self.tick += 1;
+        self.tables.retain(|t| t.offset != offset);
+        self.slot(offset, entries);
+    }
+
+    /// Forgets the table at `offset` (its cluster was freed).
+    pub fn forget(&mut self, offset: u64) {
+        self.tables.retain(|t| t.offset != offset);
+    }
+
     /// Records a freshly written all-zero table.
     pub fn insert_zeroed(&mut self, offset: u64) {
         self.tick += 1;

@@ -3,8 +3,9 @@
 //! Supported: cluster allocation with refcounts kept consistent (the refcount table grows as
 //! needed), zero clusters, reading compressed (zlib) clusters, backing files (raw or qcow2,
 //! read-only, recursively) with copy-on-write of whole clusters, growing the virtual size.
+//! Internal snapshots: create, list, delete, roll back, and read one (see `snapshot`).
 //! Not supported: encryption, external data files, extended L2 entries, zstd compression,
-//! writing images that have internal snapshots or the dirty/corrupt bits set.
+//! writing images that have the dirty/corrupt bits set.
 //!
 //! Metadata is written through in an order that keeps the image consistent at every step
 //! except for leaks, with a sync wherever a later write must not reach the disk before an
@@ -20,6 +21,7 @@ mod header;
 mod l2;
 mod refcount;
 mod resize;
+mod snapshot;
 pub(crate) mod stream;
 mod write;
 
@@ -34,6 +36,7 @@ pub use header::MAGIC;
 use header::{Header, OFF_AUTOCLEAR};
 use l2::{Cluster, L2Cache, OFFSET_MASK};
 use refcount::Refcounts;
+pub use snapshot::SnapshotInfo;
 
 /// The cluster size (as a power of two) that [`Qcow2Disk::create`] callers usually want: 64 KiB.
 pub const DEFAULT_CLUSTER_BITS: u32 = 16;
@@ -91,6 +94,10 @@ pub struct Qcow2Disk {
     /// Clusters the next refill reserves: doubles while writes keep allocating, back to
     /// the minimum at every flush.
     reserve_next: u64,
+    /// The internal snapshots, and where their table is and how long it is.
+    snapshots: Vec<snapshot::Entry>,
+    snapshots_offset: u64,
+    snapshots_len: u64,
 }
 
 impl std::fmt::Debug for Qcow2Disk {
@@ -150,11 +157,6 @@ impl Qcow2Disk {
                     "the image is marked corrupt; it can only be opened read-only",
                 ));
             }
-            if hdr.nb_snapshots > 0 {
-                return Err(unsupported(
-                    "writing images with internal snapshots; open it read-only",
-                ));
-            }
         }
         let cs = 1u64 << hdr.cluster_bits;
 
@@ -183,6 +185,14 @@ impl Qcow2Disk {
             hdr.refcount_table_clusters,
             hdr.cluster_bits,
             hdr.refcount_order,
+        )?;
+
+        let (snapshots, snapshots_len) = snapshot::read_table(
+            &file,
+            path,
+            hdr.snapshots_offset,
+            hdr.nb_snapshots,
+            hdr.cluster_bits,
         )?;
 
         let (backing, backing_resolved) = match &hdr.backing_file {
@@ -217,6 +227,13 @@ impl Qcow2Disk {
             zcache: None,
             reserved: 0..0,
             reserve_next: write::RESERVE_MIN,
+            snapshots,
+            snapshots_offset: if hdr.nb_snapshots > 0 {
+                hdr.snapshots_offset
+            } else {
+                0
+            },
+            snapshots_len,
         })
     }
 
@@ -474,6 +491,10 @@ impl DiskBackend for Qcow2Disk {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn create_snapshot(&mut self, name: &str) -> Result<()> {
+        Qcow2Disk::create_snapshot(self, name).map(|_| ())
     }
 
     fn extent(&mut self, offset: u64, len: u64) -> Result<(Extent, u64)> {

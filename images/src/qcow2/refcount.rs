@@ -381,6 +381,17 @@ impl Refcounts {
         Ok((run_start, n))
     }
 
+    /// Increments the refcount of `cluster` (a snapshot starts sharing it).
+    pub fn incref(&mut self, file: &File, cluster: u64) -> Result<()> {
+        let v = self.get(file, cluster)?;
+        if v == 0 {
+            return Err(self.corrupt(format!(
+                "cluster {cluster} is referenced but its refcount is 0"
+            )));
+        }
+        self.set(file, cluster, v + 1, (cluster, cluster + 1))
+    }
+
     /// Decrements the refcount of `cluster`; a cluster that becomes free is punched out of the
     /// file (best effort). Returns whether it became free.
     pub fn decref(&mut self, file: &File, cluster: u64) -> Result<bool> {

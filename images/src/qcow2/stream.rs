@@ -238,6 +238,7 @@ impl Plan {
             refcount_table_offset: self.rt_start * self.cs(),
             refcount_table_clusters: self.rt_clusters as u32,
             nb_snapshots: 0,
+            snapshots_offset: 0,
             incompatible_features: 0,
             autoclear_features: 0,
             refcount_order: NEW_REFCOUNT_ORDER,

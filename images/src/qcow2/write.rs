@@ -48,21 +48,34 @@ impl Qcow2Disk {
         Ok(())
     }
 
-    /// The L2 table for L1 index `l1i`, allocated (zeroed) if there is none.
+    /// The L2 table for L1 index `l1i`, ready to be written: allocated (zeroed) if there is
+    /// none, copied first if a snapshot shares it (its L1 entry is not COPIED).
     fn ensure_l2(&mut self, l1i: u64) -> Result<u64> {
-        let off = self.l2_offset(l1i);
-        if off != 0 {
-            return Ok(off);
-        }
-        if l1i as usize >= self.l1.len() {
+        let Some(&l1e) = self.l1.get(l1i as usize) else {
             return Err(self.corrupt(format!("L1 index {l1i} beyond the L1 table")));
+        };
+        let old = l1e & l2::OFFSET_MASK;
+        if old != 0 && l1e & COPIED != 0 {
+            return Ok(old);
         }
         let cs = self.cluster_size();
+        // A shared table's copy keeps its entries: the data clusters it maps are counted
+        // once per tree that reaches them, so their refcounts do not change.
+        let entries = if old != 0 {
+            let table = self.l2.get(&self.file, old).map(|t| t.clone());
+            Some(table.map_err(|e| self.io_err("reading an L2 table of", e))?)
+        } else {
+            None
+        };
         let c = self.rc.alloc(&self.file, 1)?;
         self.rc.flush(&self.file)?;
         let off = c * cs;
+        let raw = match &entries {
+            Some(t) => t.iter().flat_map(|e| e.to_be_bytes()).collect(),
+            None => vec![0u8; cs as usize],
+        };
         self.file
-            .write_all_at(&vec![0u8; cs as usize], off)
+            .write_all_at(&raw, off)
             .map_err(|e| self.io_err("writing a new L2 table of", e))?;
         // The table and its refcount are durable before the L1 entry points to it.
         self.file
@@ -73,7 +86,14 @@ impl Qcow2Disk {
             .write_all_at(&e.to_be_bytes(), self.l1_offset + l1i * 8)
             .map_err(|e| self.io_err("writing the L1 table of", e))?;
         self.l1[l1i as usize] = e;
-        self.l2.insert_zeroed(off);
+        match entries {
+            Some(t) => {
+                self.l2.insert(off, t);
+                // The active image's reference to the shared table goes at the next sync.
+                self.rc.defer_decref(old / cs);
+            }
+            None => self.l2.insert_zeroed(off),
+        }
         Ok(off)
     }
 
@@ -257,8 +277,7 @@ impl Qcow2Disk {
                     vc = chunk_end;
                     continue;
                 }
-                (0, true) => self.ensure_l2(l1i)?,
-                (off, _) => off,
+                _ => self.ensure_l2(l1i)?,
             };
             let (lo, hi) = (
                 (vc & l2_mask) as usize,
