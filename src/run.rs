@@ -276,10 +276,19 @@ fn run_vm(mut vm: Vm, terminal: bool, snapshot_to: Option<PathBuf>) -> i32 {
             continue;
         }
         match (sig, &snapshot_to) {
-            (libc::SIGUSR1 | libc::SIGUSR2, Some(dir)) => {
-                if take_snapshot(&handle, dir) && sig == libc::SIGUSR2 {
+            (libc::SIGUSR1, Some(dir)) => {
+                take_snapshot(&handle, dir);
+            }
+            (libc::SIGUSR2, Some(dir)) => {
+                // Paused from before the snapshot to the stop: the guest runs no further
+                // than what the snapshot holds (its disks included).
+                if handle.pause(std::time::Duration::from_secs(5)).is_ok()
+                    && take_snapshot(&handle, dir)
+                {
                     done.store(true, Ordering::Release);
                     handle.stop();
+                } else {
+                    handle.resume();
                 }
             }
             _ => handle.stop(),

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::netns::Netns;
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
@@ -16,57 +17,6 @@ const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
 const TAP: &str = "ktap0";
 
-/// A network namespace with a TAP device in it, removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("kiln-{tag}-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let st = Command::new("ip")
-                .args(args)
-                .status()
-                .expect("ip (iproute2)");
-            assert!(st.success(), "ip {args:?} failed");
-        };
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        ip(&["netns", "add", &name]);
-        let ns = Netns(name);
-        ip(&["-n", &ns.0, "tuntap", "add", "dev", TAP, "mode", "tap"]);
-        ip(&[
-            "-n",
-            &ns.0,
-            "addr",
-            "add",
-            &format!("{HOST_IP}/24"),
-            "dev",
-            TAP,
-        ]);
-        ip(&["-n", &ns.0, "link", "set", TAP, "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread that has entered the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("netns file");
-            // SAFETY: setns on this thread only, with an fd we own.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 fn payload(k: u32, size: usize) -> Vec<u8> {
     let mut p: Vec<u8> = (0..size)
         .map(|i| (k.wrapping_mul(13) as usize + i) as u8)
@@ -78,7 +28,7 @@ fn payload(k: u32, size: usize) -> Vec<u8> {
 #[test]
 fn ping_and_udp_both_ways_over_a_tap() {
     require_kvm();
-    let ns = Netns::new("net");
+    let ns = Netns::new("net", TAP, HOST_IP);
     const PINGS: u32 = 20;
     const ECHOES: u32 = 1000;
     const SENDS: u32 = 1000;
@@ -236,7 +186,7 @@ fn ping_and_udp_both_ways_over_a_tap() {
 fn a_guest_with_a_nic_reboots_in_place() {
     // A TAP takes one owner: the second boot opens it again only if the first let it go.
     require_kvm();
-    let ns = Netns::new("netreboot");
+    let ns = Netns::new("netreboot", TAP, HOST_IP);
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_kiln")]);
     let net = format!("tap={TAP}");

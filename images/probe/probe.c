@@ -865,31 +865,60 @@ static void cmd_wait_powerbutton(void)
 	cmd_poweroff();
 }
 
-static void cmd_echo(void)
+/* Reads one non-empty line from COM1 (ended by CR or LF; bytes past `cap` dropped). */
+static u32 read_line(char *buf, u32 cap)
 {
-	char buf[256];
 	u32 n = 0;
-	say("PROBE-OK echo ready");
 	for (;;) {
 		while (!(inb(COM1 + 5) & 1))
 			pause();
 		char c = (char)inb(COM1);
 		if (c != '\r' && c != '\n') {
-			if (n < sizeof(buf))
+			if (n < cap)
 				buf[n++] = c;
 			continue;
 		}
-		if (!n)
-			continue;
+		if (n)
+			return n;
+	}
+}
+
+static void cmd_echo(void)
+{
+	char buf[256];
+	say("PROBE-OK echo ready");
+	for (;;) {
+		u32 n = read_line(buf, sizeof(buf));
 		if (eq(buf, n, "quit"))
 			break;
 		line_begin();
 		ps("PROBE-ECHO ");
 		pn(buf, n);
 		line_end();
-		n = 0;
 	}
 	say("PROBE-OK echo done");
+}
+
+/* A line kept in guest memory by `note` and printed by `recall`. */
+static char note_buf[64];
+static u32 note_len;
+
+static void cmd_note(void)
+{
+	say("PROBE-OK note ready");
+	note_len = read_line(note_buf, sizeof(note_buf));
+	line_begin();
+	ps("PROBE-OK note ");
+	pn(note_buf, note_len);
+	line_end();
+}
+
+static void cmd_recall(void)
+{
+	line_begin();
+	ps("PROBE-OK recall ");
+	pn(note_buf, note_len);
+	line_end();
 }
 
 /* One `count` step: ~0.1 s (2.5e8 TSC ticks, or 2.5e6 polls where the TSC does not move). */
@@ -979,6 +1008,8 @@ static const struct command {
 	{ "triplefault", cmd_triplefault },
 	{ "wait-powerbutton", cmd_wait_powerbutton },
 	{ "echo", cmd_echo },
+	{ "note", cmd_note },
+	{ "recall", cmd_recall },
 	{ "hlt", cmd_hlt },
 	{ "count", cmd_count },
 	{ "internal-error", cmd_internal_error },

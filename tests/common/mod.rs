@@ -269,4 +269,5 @@ impl Buffer {
         false
     }
 }
+pub mod netns;
 pub mod server;

@@ -67,6 +67,7 @@
 //!   clones must re-seed (for Linux: `vmgenid`, not yet offered by Kiln).
 
 mod codec;
+mod disk;
 mod memory;
 mod restore;
 pub(crate) mod state;
@@ -77,6 +78,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+pub use disk::{DiskSnapshot, DiskSnapshotReport};
 pub use take::SnapshotReport;
 
 use crate::config::VmConfig;

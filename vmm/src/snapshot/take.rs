@@ -18,6 +18,7 @@ use kvm_bindings::{
     kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 
+use super::disk::copy_disk;
 use super::memory;
 use super::state::{DiskCopy, KvmVmState, MachineState, VirtioState};
 use super::{frame, io_err, SnapshotError, MEMORY_FILE, STATE_FILE};
@@ -78,6 +79,11 @@ fn vm_state(parts: &Parts) -> Result<KvmVmState, SnapshotError> {
         pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
         ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
     })
+}
+
+fn format_of(path: &Path) -> Result<images::Format, SnapshotError> {
+    images::detect_format(path)
+        .map_err(|e| SnapshotError::Vm(format!("disk {}: {e}", path.display())))
 }
 
 /// Space a file takes on the host.
@@ -142,13 +148,9 @@ impl VmHandle {
                     SnapshotError::Vm(format!("flushing disk {}: {e}", d.path.display()))
                 })?;
             }
-            let format = images::detect_format(&d.path)
-                .map_err(|e| SnapshotError::Vm(format!("disk {}: {e}", d.path.display())))?;
-            let file = format!("disk-{i}.{}", format.name());
+            let file = format!("disk-{i}.{}", format_of(&d.path)?.name());
             let dst = dir.join(&file);
-            images::clone_image(&d.path, &dst, format, &d.open_options(), &mut |_| {}).map_err(
-                |e| SnapshotError::Vm(format!("copying disk {}: {e}", d.path.display())),
-            )?;
+            let (format, _) = copy_disk(d, &dst)?;
             report.disk_bytes += allocated(&dst);
             disks.push(DiskCopy { file, format });
         }
