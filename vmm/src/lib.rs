@@ -16,7 +16,9 @@ pub mod vm;
 
 pub use config::{parse_size, ConfigError, DiskConfig, KernelImage, MacAddr, NetConfig, VmConfig};
 pub use host::Host;
-pub use snapshot::{DiskSnapshot, DiskSnapshotReport, Snapshot, SnapshotError, SnapshotReport};
+pub use snapshot::{
+    DiskSnapshot, DiskSnapshotReport, PreparedVm, Snapshot, SnapshotError, SnapshotReport,
+};
 pub use vcpu::{exit_counts, ExitReason};
 pub use vm::{
     Console, Exit, HandleError, RestoreOptions, Vm, VmError, VmEvent, VmHandle, VmObserver,

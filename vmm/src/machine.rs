@@ -35,7 +35,7 @@ use crate::cpu_state::VcpuState;
 use crate::event_loop::{ConsoleInput, EventLoop};
 use crate::host::Host;
 use crate::snapshot::state::MachineState;
-use crate::snapshot::{self, Snapshot};
+use crate::snapshot::{self, PreparedVm, Restore};
 use crate::vcpu::{self, Buses};
 use crate::vm::{BootControl, SharedWriter, VmError};
 
@@ -92,55 +92,64 @@ impl Machine {
         config: &VmConfig,
         persistent: &Persistent,
         control: Arc<BootControl>,
-        restore: Option<&Snapshot>,
+        restore: Option<Restore>,
     ) -> Result<Self, VmError> {
         install_kick_handler();
-        let saved = restore.map(|s| &s.state);
-        let mem = match restore {
-            Some(s) => snapshot::map_memory(s)?,
-            None => GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(config.memory))
-                .map_err(|e| VmError::Build(format!("cannot allocate guest memory: {e}")))?,
-        };
-        let vm = create_vm(host)?;
-        // Registering memory waits for the host (an SRCU grace period, milliseconds on some
-        // hosts): do it while the guest image, devices and vCPUs are prepared.
-        let (prepared, slots) = std::thread::scope(|s| {
-            let slots = s.spawn(|| {
-                let t = std::time::Instant::now();
-                let r = register_memory(&vm, &mem);
-                tracing::debug!(
-                    us = t.elapsed().as_micros() as u64,
-                    "guest memory registered"
-                );
-                r
-            });
-            let prepared = (|| {
-                let entry = match saved {
-                    Some(_) => None,
-                    None => Some(load_guest(&mem, config)?.entry),
+        let (vm, mem, snapshot) = match restore {
+            Some(r) => {
+                let p = match r {
+                    Restore::Prepared(p) => p,
+                    Restore::Snapshot(s) => PreparedVm::new(host, s)?,
                 };
-                let requests: RequestSink = control.clone();
-                let legacy = legacy_devices(&vm, persistent, requests, saved)?;
-                let virtio = virtio_devices(&vm, &mem, config, saved)?;
-                let vcpu_fds = (0..config.vcpus)
-                    .map(|id| match saved {
-                        Some(s) => restore_vcpu(&vm, id, &s.vcpus[usize::from(id)]),
-                        None => {
-                            let entry = (id == 0).then_some(entry).flatten();
-                            configure_vcpu(host, &vm, id, config.vcpus, entry)
-                        }
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                tracing::debug!("guest loaded, devices and vCPUs configured");
-                Ok::<_, VmError>((legacy, virtio, vcpu_fds))
-            })();
-            let slots = slots
-                .join()
-                .unwrap_or_else(|_| Err(VmError::Build("memory registration panicked".into())));
-            (prepared, slots)
-        });
-        slots?;
-        let ((pio, serial, room, pm, cmos), (mmio, virtio, transports), vcpu_fds) = prepared?;
+                (p.vm, p.mem, Some(p.snapshot))
+            }
+            None => {
+                let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(config.memory))
+                    .map_err(|e| {
+                    VmError::Build(format!("cannot allocate guest memory: {e}"))
+                })?;
+                (create_vm(host)?, mem, None)
+            }
+        };
+        let saved = snapshot.as_deref().map(|s| &s.state);
+        let prepare = || {
+            let entry = match saved {
+                Some(_) => None,
+                None => Some(load_guest(&mem, config)?.entry),
+            };
+            let requests: RequestSink = control.clone();
+            let legacy = legacy_devices(&vm, persistent, requests, saved)?;
+            let virtio = virtio_devices(&vm, &mem, config, saved)?;
+            let vcpu_fds = (0..config.vcpus)
+                .map(|id| match saved {
+                    Some(s) => restore_vcpu(&vm, id, &s.vcpus[usize::from(id)]),
+                    None => {
+                        let entry = (id == 0).then_some(entry).flatten();
+                        configure_vcpu(host, &vm, id, config.vcpus, entry)
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            tracing::debug!("guest loaded, devices and vCPUs configured");
+            Ok::<_, VmError>((legacy, virtio, vcpu_fds))
+        };
+        let prepared = if saved.is_some() {
+            // The memory of a restored VM was registered with its shell.
+            prepare()?
+        } else {
+            // Registering memory waits for the host (an SRCU grace period, milliseconds on
+            // some hosts): do it while the guest image, devices and vCPUs are prepared.
+            let (prepared, slots) = std::thread::scope(|s| {
+                let slots = s.spawn(|| register_memory(&vm, &mem));
+                let prepared = prepare();
+                let slots = slots
+                    .join()
+                    .unwrap_or_else(|_| Err(VmError::Build("memory registration panicked".into())));
+                (prepared, slots)
+            });
+            slots?;
+            prepared?
+        };
+        let ((pio, serial, room, pm, cmos), (mmio, virtio, transports), vcpu_fds) = prepared;
         if let Some(s) = saved {
             snapshot::restore_vm_state(&vm, &s.vm)?;
         }
@@ -250,7 +259,7 @@ impl Machine {
 }
 
 /// Tells KVM where guest RAM is.
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host_addr = mem
             .get_host_address(region.start_addr())
@@ -269,7 +278,8 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     Ok(())
 }
 
-fn create_vm(host: &Host) -> Result<VmFd, VmError> {
+/// A KVM VM with the TSS, the in-kernel irqchip and PIT, and Kiln's interrupt routes.
+pub(crate) fn create_vm(host: &Host) -> Result<VmFd, VmError> {
     let vm = loop {
         match host.kvm.create_vm() {
             Err(e) if e.errno() == libc::EINTR => continue,

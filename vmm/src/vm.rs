@@ -15,7 +15,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::cpu_state::VcpuState;
 use crate::host::Host;
 use crate::machine::{Machine, Parts, Persistent};
-use crate::snapshot::{Snapshot, SnapshotError};
+use crate::snapshot::{PreparedVm, Restore, Snapshot, SnapshotError};
 
 /// How a VM ended without failing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -448,7 +448,7 @@ pub struct Vm {
     shared: Arc<Shared>,
     observer: Option<VmObserver>,
     /// The snapshot the first boot continues from, instead of booting the kernel.
-    restore: Option<Arc<Snapshot>>,
+    restore: Option<Restore>,
 }
 
 /// What a restored VM changes from the snapshot's configuration: clones get their own disks,
@@ -461,6 +461,24 @@ pub struct RestoreOptions {
     pub disks: Vec<Option<std::path::PathBuf>>,
     /// Per NIC, in order: the TAP device and MAC to use instead of the recorded ones.
     pub nets: Vec<Option<crate::config::NetConfig>>,
+}
+
+impl RestoreOptions {
+    /// The snapshot's configuration with these changes.
+    fn apply(&self, saved: &VmConfig) -> VmConfig {
+        let mut config = saved.clone();
+        for (d, path) in config.disks.iter_mut().zip(&self.disks) {
+            if let Some(p) = path {
+                d.path = p.clone();
+            }
+        }
+        for (n, with) in config.nets.iter_mut().zip(&self.nets) {
+            if let Some(w) = with {
+                *n = w.clone();
+            }
+        }
+        config
+    }
 }
 
 impl Vm {
@@ -500,20 +518,25 @@ impl Vm {
         options: &RestoreOptions,
         console: Console,
     ) -> Result<Self, VmError> {
-        let mut config = snapshot.config().clone();
-        for (d, path) in config.disks.iter_mut().zip(&options.disks) {
-            if let Some(p) = path {
-                d.path = p.clone();
-            }
-        }
-        for (n, with) in config.nets.iter_mut().zip(&options.nets) {
-            if let Some(w) = with {
-                *n = w.clone();
-            }
-        }
+        let config = options.apply(snapshot.config());
         let mut vm = Self::new(host, config, console)?;
         *lock(&vm.persistent.nvram) = snapshot.state.nvram;
-        vm.restore = Some(snapshot);
+        vm.restore = Some(Restore::Snapshot(snapshot));
+        Ok(vm)
+    }
+
+    /// [`Vm::restore`] from a shell prepared ahead ([`PreparedVm::new`]): the restore does
+    /// not wait for KVM to register guest memory.
+    pub fn restore_prepared(
+        host: Arc<Host>,
+        prepared: PreparedVm,
+        options: &RestoreOptions,
+        console: Console,
+    ) -> Result<Self, VmError> {
+        let config = options.apply(prepared.snapshot().config());
+        let mut vm = Self::new(host, config, console)?;
+        *lock(&vm.persistent.nvram) = prepared.snapshot().state.nvram;
+        vm.restore = Some(Restore::Prepared(prepared));
         Ok(vm)
     }
 
@@ -557,13 +580,12 @@ impl Vm {
                 return Ok(Exit::Stopped);
             }
             let boot = self.shared.boots.fetch_add(1, Ordering::AcqRel) + 1;
-            let restore = self.restore.take();
             let machine = Machine::start(
                 &self.host,
                 &self.config,
                 &self.persistent,
                 control.clone(),
-                restore.as_deref(),
+                self.restore.take(),
             );
             let machine = match machine {
                 Ok(m) => m,

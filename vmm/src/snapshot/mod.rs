@@ -73,7 +73,8 @@ mod restore;
 pub(crate) mod state;
 mod take;
 
-pub(crate) use restore::{map_memory, restore_vm_state};
+pub use restore::PreparedVm;
+pub(crate) use restore::{restore_vm_state, Restore};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};

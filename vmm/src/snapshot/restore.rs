@@ -1,16 +1,47 @@
-//! The VM-wide part of a restore: guest memory from the memory file, and KVM's PIT,
-//! irqchips and clock.
+//! The VM-wide part of a restore: the VM shell (KVM VM and guest memory from the memory
+//! file, registered), and KVM's PIT, irqchips and clock.
+
+use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
 use super::state::KvmVmState;
 use super::{memory, Snapshot};
+use crate::host::Host;
+use crate::machine::{create_vm, register_memory};
 use crate::vm::VmError;
 
-/// Guest memory for a VM restored from `snapshot`, copy-on-write over its memory file.
-pub(crate) fn map_memory(snapshot: &Snapshot) -> Result<GuestMemoryMmap, VmError> {
-    Ok(memory::map(&snapshot.memory, &snapshot.state.regions)?)
+/// What a VM is restored from: a snapshot, or a shell prepared from one ahead of time.
+pub(crate) enum Restore {
+    Snapshot(Arc<Snapshot>),
+    Prepared(PreparedVm),
+}
+
+/// A VM shell made ready ahead of a restore: the KVM VM with its irqchip, PIT and interrupt
+/// routes, and guest memory mapped copy-on-write from the snapshot and registered with KVM.
+/// Registering memory is the slow part of a restore (KVM waits for a memory-slot update that
+/// takes milliseconds on some hosts); a host that keeps one of these per snapshot it serves
+/// restores without that wait ([`crate::Vm::restore_prepared`]).
+pub struct PreparedVm {
+    pub(crate) vm: VmFd,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) snapshot: Arc<Snapshot>,
+}
+
+impl PreparedVm {
+    /// Builds the shell for restoring `snapshot`.
+    pub fn new(host: &Host, snapshot: Arc<Snapshot>) -> Result<Self, VmError> {
+        let mem = memory::map(&snapshot.memory, &snapshot.state.regions)?;
+        let vm = create_vm(host)?;
+        register_memory(&vm, &mem)?;
+        Ok(Self { vm, mem, snapshot })
+    }
+
+    /// The snapshot it restores.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
 }
 
 /// Puts back the in-kernel PIT, PICs, IOAPIC and kvmclock. The clock gets the value it had
