@@ -670,3 +670,61 @@ fn a_snapshot_never_overwrites_and_leaves_nothing_when_it_fails() {
     g.handle.stop();
     assert_eq!(g.thread.join().unwrap().unwrap(), Exit::Stopped);
 }
+
+#[test]
+fn a_hostile_state_with_a_valid_checksum_never_crashes_kiln() {
+    // Bytes of the state changed and the checksum made to match (as someone crafting a
+    // snapshot would): each is refused, or restores a VM that runs or fails; Kiln goes on.
+    let tmp = tempfile::tempdir().unwrap();
+    let host = Arc::new(Host::open().unwrap());
+    let g = start(|c| Vm::new(host.clone(), probe_config("smp,count", vec![]), c).unwrap());
+    assert!(g.out.wait_for("PROBE-COUNT 1", Duration::from_secs(30)));
+    let good = tmp.path().join("good");
+    g.handle.snapshot(&good).unwrap();
+    g.handle.stop();
+    g.thread.join().unwrap().unwrap();
+    let state = std::fs::read(good.join("state")).unwrap();
+    let n = u16::from_le_bytes([state[12], state[13]]) as usize;
+    let body = 26 + n;
+    // The embedded probe image is most of the state; its bytes matter only at a reboot.
+    let image = state.windows(64).position(|w| w == &PROBE[..64]).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let (mut refused, mut ran) = (0, 0);
+    for i in 0..60 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut s = state.clone();
+        // Mostly the machine state after the image; every fifth the configuration before it.
+        let after = image + PROBE.len();
+        let at = if i % 5 == 0 {
+            body + x as usize % (image - body)
+        } else {
+            after + x as usize % (s.len() - after)
+        };
+        s[at] ^= 1 << (x >> 61);
+        let crc = crc32fast::hash(&s[body..]);
+        s[22 + n..26 + n].copy_from_slice(&crc.to_le_bytes());
+        let d = tmp.path().join(format!("h{i}"));
+        std::fs::create_dir(&d).unwrap();
+        std::fs::hard_link(good.join("memory"), d.join("memory")).unwrap();
+        std::fs::write(d.join("state"), &s).unwrap();
+        let snap = match Snapshot::load(&d) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("byte {at}: {e}");
+                refused += 1;
+                continue;
+            }
+        };
+        let r = start(|c| {
+            Vm::restore(host.clone(), Arc::new(snap), &RestoreOptions::default(), c).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        r.handle.stop();
+        // Ended: stopped, powered off, or failed with a reason; never a panic.
+        let _ = r.thread.join().expect("the VM thread panicked");
+        ran += 1;
+    }
+    eprintln!("hostile states: {refused} refused at load, {ran} restored and ended");
+}

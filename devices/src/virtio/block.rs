@@ -577,6 +577,96 @@ mod tests {
         assert!(interrupt.is_broken());
     }
 
+    /// Writes a transport register as a vCPU would.
+    fn reg(t: &mut super::super::mmio::MmioTransport, offset: u64, v: u32) {
+        use crate::BusDevice;
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    fn transport(
+        blk: &Arc<std::sync::Mutex<Block>>,
+        d: &Driver,
+    ) -> super::super::mmio::MmioTransport {
+        let shared: super::super::SharedVirtioDevice = blk.clone();
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(d.irq.clone()));
+        super::super::mmio::MmioTransport::new(shared, d.mem.clone(), interrupt, vec![evt]).unwrap()
+    }
+
+    #[test]
+    fn a_device_restored_from_its_state_goes_on_where_it_was() {
+        let (b, _dir, path) = device(false);
+        let blk = Arc::new(std::sync::Mutex::new(b));
+        let mut d = Driver::new(16);
+        let mut t = transport(&blk, &d);
+        // The driver's set-up, through the registers.
+        reg(&mut t, 0x70, 1 | 2);
+        reg(&mut t, 0x24, 1);
+        reg(&mut t, 0x20, 1); // VERSION_1
+        reg(&mut t, 0x70, 1 | 2 | 8);
+        reg(&mut t, 0x30, 0);
+        reg(&mut t, 0x38, 16);
+        for (off, addr) in [(0x80, DESC), (0x90, AVAIL), (0xa0, USED)] {
+            reg(&mut t, off, addr as u32);
+            reg(&mut t, off + 4, 0);
+        }
+        reg(&mut t, 0x44, 1);
+        reg(&mut t, 0x70, super::super::mmio::STATUS_ALL_OK);
+        for _ in 0..3 {
+            assert_eq!(
+                request(&mut blk.lock().unwrap(), &mut d, T_IN, 0, 512, F_WRITE).0,
+                S_OK
+            );
+        }
+        let state = t.state();
+        let queues = blk.lock().unwrap().queue_states().unwrap();
+        assert_eq!((queues[0].next_avail, queues[0].next_used), (3, 3));
+
+        // A new device and transport (a restored VM's) over the same memory and disk.
+        let disk = images::open_disk(&path, false, &Default::default()).unwrap();
+        let blk2 = Arc::new(std::sync::Mutex::new(Block::new(disk, false, "x")));
+        let mut t2 = transport(&blk2, &d);
+        t2.restore(&state, Some(&queues)).unwrap();
+        assert_eq!(t2.state(), state);
+        assert_eq!(
+            request(&mut blk2.lock().unwrap(), &mut d, T_IN, 0, 512, F_WRITE).0,
+            S_OK
+        );
+        assert_eq!(d.used_idx(), 4, "the used ring went on from where it was");
+
+        // States that do not fit the device are refused.
+        let mut bad = state.clone();
+        bad.driver_features |= 1 << 60;
+        assert!(
+            transport(&blk2, &d).restore(&bad, None).is_err(),
+            "features never offered"
+        );
+        let mut bad = state.clone();
+        bad.queues[0].max_size = 1024;
+        assert!(
+            transport(&blk2, &d).restore(&bad, None).is_err(),
+            "another queue size"
+        );
+        let mut bad = state.clone();
+        bad.queues.push(bad.queues[0]);
+        assert!(
+            transport(&blk2, &d).restore(&bad, None).is_err(),
+            "another queue count"
+        );
+        let mut far = queues.clone();
+        far[0].used_ring = 1 << 40;
+        assert!(
+            transport(&blk2, &d).restore(&state, Some(&far)).is_err(),
+            "rings outside memory"
+        );
+        let mut odd = queues.clone();
+        odd[0].size = 7;
+        assert!(
+            transport(&blk2, &d).restore(&state, Some(&odd)).is_err(),
+            "a size not a power of two"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
         /// Random descriptor tables, random heads: the device never panics, never completes
