@@ -1,5 +1,7 @@
 //! The Kiln VM: KVM, guest memory, vCPU threads, the per-VM event loop and the lifecycle
-//! (power-off ends the VM, a guest reset re-boots it in place, an internal error fails it).
+//! (power-off ends the VM, a guest reset re-boots it in place, an internal error fails it),
+//! and snapshots: of a whole VM ([`VmHandle::snapshot`], [`Vm::restore`], see [`snapshot`])
+//! and of one disk while it runs ([`VmHandle::snapshot_disk`]).
 
 #![warn(missing_docs)]
 
