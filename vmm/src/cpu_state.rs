@@ -141,6 +141,16 @@ impl VcpuState {
         }
         vcpu.set_vcpu_events(&self.events)
             .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        tell_paused(vcpu);
         Ok(())
+    }
+}
+
+/// Tells a guest that uses kvmclock that its vCPU was stopped (`KVM_KVMCLOCK_CTRL`), as
+/// Firecracker does on every pause and restore: its soft-lockup watchdog then ignores the
+/// time the vCPU did not run. Fails, harmlessly, for a guest without kvmclock.
+pub(crate) fn tell_paused(vcpu: &VcpuFd) {
+    if let Err(e) = vcpu.kvmclock_ctrl() {
+        tracing::trace!("KVM_KVMCLOCK_CTRL: {e}");
     }
 }

@@ -153,6 +153,9 @@ pub(crate) fn run(
 ) {
     let _kick = KickTarget::set(&mut vcpu);
     while !control.is_ending() {
+        if control.gate.is_paused() {
+            cpu_state::tell_paused(&vcpu);
+        }
         control
             .gate
             .park_while_paused(&control, id.into(), &mut || {

@@ -108,7 +108,7 @@ impl PauseGate {
     pub fn park_while_paused(&self, control: &BootControl, id: usize, save: SaveVcpu<'_>) {
         // A pause that lands just after this check is not missed: pause() kicks the vCPUs
         // out of KVM_RUN until all of them are parked.
-        if !self.paused.load(Ordering::Acquire) {
+        if !self.is_paused() {
             return;
         }
         let mut s = lock(&self.state);
@@ -134,6 +134,11 @@ impl PauseGate {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
         s.parked -= 1;
+    }
+
+    /// Whether the VM is paused (a lock-free look, as [`PauseGate::park_while_paused`] takes).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
     }
 
     /// Asks each of `n` parked vCPUs for its state and waits for all of them, at most
@@ -410,7 +415,7 @@ impl VmHandle {
 
     /// True while the VM is paused.
     pub fn is_paused(&self) -> bool {
-        self.0.gate.paused.load(Ordering::Acquire)
+        self.0.gate.is_paused()
     }
 }
 

@@ -46,6 +46,8 @@
 //! refused with a [`SnapshotError`]; nothing is created.
 //!
 //! The checksum catches corruption, not tampering: a snapshot is as trusted as a disk image.
+//! Like a backing file, a snapshot must not change while VMs restored from it run: their
+//! memory is mapped from its memory file.
 //! Guest memory has no checksum (reading it would cost the fast restore); its contents are
 //! guest-controlled anyway, and Kiln treats everything in guest memory as hostile.
 //!
