@@ -11,6 +11,7 @@ mod operation_cli;
 mod progress;
 mod run;
 mod serve;
+mod snapshot_cli;
 mod table;
 mod transfer;
 
@@ -107,6 +108,13 @@ enum Command {
     },
     /// Print the manual page (roff): `kiln man | man -l -`.
     Man,
+    /// Snapshots through a running `kiln serve`: of instances (restore, clone) and of disks.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot_cli::SnapshotCommand,
+        #[command(flatten)]
+        endpoint: endpoint::Endpoint,
+    },
 }
 
 fn main() {
@@ -142,5 +150,8 @@ fn client_command(command: Command, top: &endpoint::TopEndpoint) -> i32 {
         Command::Image { command, endpoint } => disk_cli::image(endpoint.resolve(top), command),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man => docs::man(),
+        Command::Snapshot { command, endpoint } => {
+            snapshot_cli::snapshot(endpoint.resolve(top), command)
+        }
     }
 }

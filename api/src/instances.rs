@@ -14,7 +14,8 @@ use crate::plane::{blocking, Mgr};
 use crate::resource::{if_match, operation_path};
 use crate::respond::{created, tagged, with_location};
 use crate::wire::{
-    ActionRequest, AttachRequest, Instance, InstanceCreate, InstancePatch, Operation,
+    ActionRequest, AttachRequest, CreatedInstances, Instance, InstanceCreateRequest, InstancePatch,
+    Operation,
 };
 
 /// The instances, oldest first.
@@ -56,12 +57,17 @@ pub(crate) async fn list(
 ///
 /// Disks listed as `{"create": …}` are made for it (and removed again if it cannot be
 /// created). A MAC is generated for a NIC without one.
+///
+/// A body with `"source": {"snapshot": …}` restores a snapshot instead: the instance's first
+/// start continues the guest where the snapshot paused it; with `count`, that many clones.
+/// A corrupt snapshot or one from another Kiln version is refused (400, `source.snapshot`)
+/// with nothing created.
 #[utoipa::path(post, path = "/v1/instances", tag = "instances", operation_id = "instance_create",
-    request_body(content = InstanceCreate, description = "The new instance",
+    request_body(content = InstanceCreateRequest, description = "The new instance, or instances restored from a snapshot",
         example = json!({"name": "web-1", "vcpus": 1, "memory": "64MiB",
                          "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=wait-powerbutton"}})),
     responses(
-        (status = 201, description = "Created (and starting, with `start`)", body = Instance,
+        (status = 201, description = "Created (and starting, with `start`); with `count`, the clones", body = CreatedInstances,
             headers(("ETag" = String, description = "The definition's entity tag, for `If-Match`"),
                     ("Location" = String, description = "The new instance's path")),
             links(
@@ -79,8 +85,12 @@ pub(crate) async fn list(
     ))]
 pub(crate) async fn create(
     Mgr(m): Mgr,
-    ApiJson(spec): ApiJson<InstanceCreate>,
+    ApiJson(spec): ApiJson<InstanceCreateRequest>,
 ) -> Result<Response, ApiError> {
+    let spec = match spec {
+        InstanceCreateRequest::Boot(spec) => spec,
+        InstanceCreateRequest::Restore(r) => return crate::snapshots::restore(m, r).await,
+    };
     let (inst, _op) = blocking(move || m.create(spec.into())).await?;
     Ok(created(inst))
 }

@@ -44,6 +44,7 @@ pub mod resource;
 mod respond;
 pub mod router;
 pub mod server_info;
+mod snapshots;
 mod streaming;
 pub mod tls;
 pub mod wire;

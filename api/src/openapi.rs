@@ -65,6 +65,15 @@ use crate::request_id::REQUEST_ID_HEADER;
         crate::images::upload,
         crate::images::get,
         crate::images::delete,
+        crate::snapshots::take,
+        crate::snapshots::list,
+        crate::snapshots::get,
+        crate::snapshots::delete,
+        crate::snapshots::disk_take,
+        crate::snapshots::disk_list,
+        crate::snapshots::disk_get,
+        crate::snapshots::disk_delete,
+        crate::snapshots::disk_rollback,
     ),
     components(schemas(ErrorBody, ErrorCode, crate::wire::Event)),
     modifiers(&Contract),
@@ -75,6 +84,7 @@ use crate::request_id::REQUEST_ID_HEADER;
         (name = "disks", description = "Disks: create, import, export, attach"),
         (name = "images", description = "Kernels, initrds and base disk images"),
         (name = "events", description = "State changes and operation updates"),
+        (name = "snapshots", description = "Instance snapshots (restore and clone through `POST /v1/instances`) and disk snapshots"),
     ),
 )]
 pub struct ApiDoc;

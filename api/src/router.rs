@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::server_info::ServerInfo;
 use crate::{
     api_version, conditional, console, disks, error_shape, events, images, instances, metrics,
-    openapi, operations, request_id, server_info,
+    openapi, operations, request_id, server_info, snapshots,
 };
 
 /// What every handler can reach. Cheap to clone.
@@ -213,6 +213,43 @@ pub fn api_routes() -> ApiRouter {
         .route(Method::PATCH, "/v1/disks/{disk}", disks::patch)
         .route(Method::DELETE, "/v1/disks/{disk}", disks::delete)
         .route(Method::GET, "/v1/disks/{disk}/export", disks::export)
+        .route(
+            Method::POST,
+            "/v1/instances/{instance}/snapshots",
+            snapshots::take,
+        )
+        .route(Method::GET, "/v1/snapshots", snapshots::list)
+        .route(Method::GET, "/v1/snapshots/{snapshot}", snapshots::get)
+        .route(
+            Method::DELETE,
+            "/v1/snapshots/{snapshot}",
+            snapshots::delete,
+        )
+        .route(
+            Method::POST,
+            "/v1/disks/{disk}/snapshots",
+            snapshots::disk_take,
+        )
+        .route(
+            Method::GET,
+            "/v1/disks/{disk}/snapshots",
+            snapshots::disk_list,
+        )
+        .route(
+            Method::GET,
+            "/v1/disks/{disk}/snapshots/{snapshot}",
+            snapshots::disk_get,
+        )
+        .route(
+            Method::DELETE,
+            "/v1/disks/{disk}/snapshots/{snapshot}",
+            snapshots::disk_delete,
+        )
+        .route(
+            Method::POST,
+            "/v1/disks/{disk}/snapshots/{snapshot}/rollback",
+            snapshots::disk_rollback,
+        )
         .route(Method::GET, "/v1/images", images::list)
         .route(Method::POST, "/v1/images", images::create)
         .streaming_route(Method::POST, "/v1/images/upload", images::upload)

@@ -50,7 +50,7 @@ fn image(key: &str) -> String {
     format!("/v1/images/{}", escape(key))
 }
 
-fn tagged<T: DeserializeOwned>(reply: Reply) -> Result<Tagged<T>, Error> {
+pub(crate) fn tagged<T: DeserializeOwned>(reply: Reply) -> Result<Tagged<T>, Error> {
     let etag = reply.header(ETAG.as_str()).unwrap_or_default().to_string();
     Ok(Tagged {
         value: reply.json()?,

@@ -28,6 +28,7 @@ mod connection;
 mod console;
 mod error;
 mod request;
+mod snapshots;
 
 pub use api::wire;
 pub use bytes::Bytes;

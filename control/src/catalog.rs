@@ -118,7 +118,7 @@ impl Catalog {
             Kind::Instance => self.instances.iter().any(|i| i.name == name),
             Kind::Disk => self.disks.iter().any(|d| d.name == name),
             Kind::Image => self.images.iter().any(|i| i.name == name),
-            Kind::Operation => false,
+            Kind::Operation | Kind::Snapshot => false,
         };
         if taken {
             return Err(Error::AlreadyExists {
@@ -276,6 +276,7 @@ mod tests {
                 mac: vmm::MacAddr::random(),
             }],
             auto_start: false,
+            restore: None,
             created_at: now(),
             updated_at: now(),
             generation: 1,

@@ -41,6 +41,8 @@ enum Making {
     Overlay(PathBuf),
     /// A copy of this file, grown to the disk's size.
     Copy(PathBuf),
+    /// A copy of this qcow2 file's internal snapshot of this name, grown to the disk's size.
+    FromSnapshot(PathBuf, String),
 }
 
 /// A disk checked against the catalog, whose file is still to be made.
@@ -279,6 +281,45 @@ impl Manager {
                     Some(src.id),
                 )
             }
+            SourceRef::Snapshot { disk, snapshot } => {
+                let field = "source.snapshot";
+                let src = cat
+                    .disk(disk)
+                    .map_err(|_| invalid("source.disk", format!("no disk named {disk:?}")))?
+                    .clone();
+                self.check_detached_or_stopped(cat, &src, "copy its snapshot")?;
+                let snap = self
+                    .disk_snapshots_of(&src)?
+                    .into_iter()
+                    .find(|s| s.name == *snapshot)
+                    .ok_or_else(|| {
+                        invalid(
+                            field,
+                            format!("disk {} has no snapshot {snapshot:?}", src.name),
+                        )
+                    })?;
+                let size = spec.size.unwrap_or(snap.size);
+                if size < snap.size {
+                    return Err(invalid(
+                        "size",
+                        format!("smaller than the snapshot ({} bytes)", snap.size),
+                    ));
+                }
+                let making = match src.format {
+                    Format::Qcow2 => {
+                        Making::FromSnapshot(self.store.disk_file(&src), snapshot.clone())
+                    }
+                    Format::Raw => Making::Copy(self.raw_snapshot_file(&src, snapshot)),
+                };
+                let format = spec.format.unwrap_or(src.format);
+                (
+                    format,
+                    size,
+                    Origin::Disk { disk: src.id },
+                    making,
+                    Some(src.id),
+                )
+            }
         };
         check_size("size", size)?;
         Ok(DiskPlan {
@@ -308,8 +349,17 @@ impl Manager {
             Making::Overlay(base) => {
                 images::create_overlay(&path, base, Some(size), &opts).map_err(fail)?
             }
-            Making::Copy(src) => {
-                images::clone_image(src, &path, format, &opts, &mut |_| {}).map_err(fail)?;
+            Making::Copy(_) | Making::FromSnapshot(..) => {
+                match &plan.making {
+                    Making::FromSnapshot(src, name) => {
+                        images::create_from_snapshot(src, name, &path, format, &opts, &mut |_| {})
+                    }
+                    Making::Copy(src) => {
+                        images::clone_image(src, &path, format, &opts, &mut |_| {})
+                    }
+                    _ => unreachable!("matched above"),
+                }
+                .map_err(fail)?;
                 let have = images::info(&path, &opts).map_err(fail)?.virtual_size;
                 if size > have {
                     images::grow(&path, size, &opts).map_err(fail)?;

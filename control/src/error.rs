@@ -17,6 +17,8 @@ pub enum Kind {
     Image,
     /// An operation.
     Operation,
+    /// A snapshot (of an instance or of a disk).
+    Snapshot,
 }
 
 impl fmt::Display for Kind {
@@ -26,6 +28,7 @@ impl fmt::Display for Kind {
             Kind::Disk => "disk",
             Kind::Image => "image",
             Kind::Operation => "operation",
+            Kind::Snapshot => "snapshot",
         })
     }
 }

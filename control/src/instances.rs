@@ -304,6 +304,7 @@ impl Manager {
             disks: attached.iter().map(|(a, _)| *a).collect(),
             network_interfaces,
             auto_start: spec.auto_start,
+            restore: None,
             created_at: t.clone(),
             updated_at: t,
             generation: 1,
@@ -630,7 +631,7 @@ impl Manager {
     /// The VM of the instance's definition, built and running on its thread. Blocks.
     fn launch(&self, slot: &Arc<Slot>) -> Result<(), String> {
         slot.join();
-        let (config, name) = {
+        let (config, name, restore) = {
             let cat = lock(&self.catalog);
             let def = cat
                 .instances
@@ -641,9 +642,13 @@ impl Manager {
             (
                 self.vm_config(def, &parts).map_err(|e| e.to_string())?,
                 def.name.clone(),
+                def.restore,
             )
         };
-        slot.launch(self.host.clone(), config, &name)
+        match restore {
+            Some(snapshot) => self.launch_restored(slot, snapshot, config, &name),
+            None => slot.launch(self.host.clone(), config, &name),
+        }
     }
 
     /// The console history of an instance.

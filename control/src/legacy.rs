@@ -125,6 +125,7 @@ impl LegacyInstance {
                 .collect(),
             network_interfaces: self.network_interfaces,
             auto_start: self.auto_start,
+            restore: None,
             created_at: self.created_at,
             updated_at: self.updated_at,
             generation: self.generation,

@@ -19,6 +19,7 @@
 
 mod catalog;
 pub mod console;
+mod disk_snapshots;
 mod disks;
 mod error;
 pub mod events;
@@ -29,6 +30,7 @@ pub mod lifecycle;
 mod model;
 pub mod operations;
 mod runtime;
+mod snapshots;
 mod spec;
 mod store;
 mod vm_config;
@@ -43,6 +45,7 @@ use uuid::Uuid;
 use vmm::Host;
 
 pub use console::{ConsoleRing, CONSOLE_RING};
+pub use disk_snapshots::DiskSnapshotView;
 pub use disks::DiskView;
 pub use error::{Error, Kind, Result};
 pub use events::{Event, EventLog, Subject};
@@ -54,6 +57,9 @@ pub use model::{
 };
 pub use operations::{Operation, OperationState, Operations};
 pub use runtime::Status;
+pub use snapshots::{
+    NewRestore, NewSnapshot, RestoreNic, SnapshotDef, SnapshotDisk, SnapshotView, MAX_CLONES,
+};
 pub use spec::{
     ActionRequest, DiskChanges, DiskChoice, InstanceChanges, NewDisk, NewImage, NewInstance,
     NewNic, SourceRef, DEFAULT_STOP_TIMEOUT,
@@ -78,6 +84,8 @@ pub struct Manager {
     operations: Arc<Operations>,
     /// Where operations run.
     runtime: tokio::runtime::Handle,
+    /// Instance snapshots.
+    snapshots: snapshots::Snapshots,
 }
 
 impl Manager {
@@ -148,6 +156,7 @@ impl Manager {
             }
         }
         store.sweep_orphans(&named);
+        let snapshots = snapshots::Snapshots::open(&store).map_err(state_err)?;
         let events = Arc::new(EventLog::default());
         for (id, name) in instances
             .iter()
@@ -175,6 +184,7 @@ impl Manager {
             events,
             operations: Arc::default(),
             runtime,
+            snapshots,
         });
         Ok(m)
     }
@@ -247,7 +257,11 @@ impl Manager {
 
     /// How disk files are opened: backing files only in the state's and the image directories.
     fn open_options(&self) -> ::images::OpenOptions {
-        let mut allowed = vec![self.store.images_dir(), self.store.disks_dir()];
+        let mut allowed = vec![
+            self.store.images_dir(),
+            self.store.disks_dir(),
+            self.snapshots.dir(),
+        ];
         allowed.extend(self.image_dirs.iter().cloned());
         ::images::OpenOptions {
             allowed_dirs: allowed,

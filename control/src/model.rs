@@ -41,6 +41,10 @@ pub struct InstanceDef {
     pub network_interfaces: Vec<Nic>,
     /// Start again when the control plane opens.
     pub auto_start: bool,
+    /// The instance snapshot its next start restores (instead of booting the kernel); cleared
+    /// once it was restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<Uuid>,
     /// RFC 3339.
     pub created_at: String,
     /// RFC 3339.
@@ -148,6 +152,12 @@ pub enum Origin {
     },
     /// A byte stream.
     Import,
+    /// A qcow2 overlay on a disk copy inside an instance snapshot (a restored instance's or
+    /// a clone's disk).
+    Snapshot {
+        /// The instance snapshot's id.
+        snapshot: Uuid,
+    },
 }
 
 /// What an image is for.

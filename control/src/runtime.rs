@@ -210,6 +210,18 @@ impl Slot {
         config: VmConfig,
         name: &str,
     ) -> Result<(), String> {
+        self.launch_with(name, |console| {
+            Vm::new(host, config, console).map_err(|e| e.to_string())
+        })
+    }
+
+    /// As [`Slot::launch`], with the VM built by `build` from its console (a restore from a
+    /// snapshot builds it so).
+    pub fn launch_with(
+        self: &Arc<Self>,
+        name: &str,
+        build: impl FnOnce(Console) -> Result<Vm, String>,
+    ) -> Result<(), String> {
         let (input_r, input_w) = std::io::pipe().map_err(|e| format!("console pipe: {e}"))?;
         // A guest that does not read its serial port (or is paused) fills the pipe: writers
         // get an error instead of hanging.
@@ -218,7 +230,7 @@ impl Slot {
             output: Box::new(self.console.clone()),
             input: Some(File::from(OwnedFd::from(input_r))),
         };
-        let mut vm = Vm::new(host, config, console).map_err(|e| e.to_string())?;
+        let mut vm = build(console)?;
         let slot = Arc::downgrade(self);
         vm.set_observer(Arc::new(move |ev| {
             let Some(slot) = slot.upgrade() else { return };

@@ -95,6 +95,13 @@ pub enum SourceRef {
     Image(String),
     /// A copy of a disk (name or id).
     Disk(String),
+    /// A copy of a disk's snapshot.
+    Snapshot {
+        /// The disk (name or id).
+        disk: String,
+        /// The snapshot's name.
+        snapshot: String,
+    },
 }
 
 /// Changes to an instance; absent fields stay.

@@ -24,6 +24,13 @@ pub enum DiskSourceSpec {
         /// The disk, by name or id.
         disk: String,
     },
+    /// A copy of a snapshot of a disk (detached, or attached to a stopped instance).
+    Snapshot {
+        /// The disk, by name or id.
+        disk: String,
+        /// The snapshot's name.
+        snapshot: String,
+    },
 }
 
 /// The body of `POST /v1/disks`.
@@ -65,6 +72,9 @@ impl From<DiskCreate> for control::NewDisk {
                 DiskSourceSpec::Blank => control::SourceRef::Blank,
                 DiskSourceSpec::Image { image } => control::SourceRef::Image(image),
                 DiskSourceSpec::Disk { disk } => control::SourceRef::Disk(disk),
+                DiskSourceSpec::Snapshot { disk, snapshot } => {
+                    control::SourceRef::Snapshot { disk, snapshot }
+                }
             },
         }
     }
@@ -114,6 +124,11 @@ pub enum DiskSource {
     },
     /// A byte stream sent to `POST /v1/disks/import`.
     Import,
+    /// A qcow2 overlay on a disk copy inside an instance snapshot.
+    Snapshot {
+        /// The instance snapshot's id.
+        snapshot: Uuid,
+    },
 }
 
 /// A disk.
@@ -160,6 +175,7 @@ impl From<control::DiskView> for Disk {
                 control::Origin::Image { image } => DiskSource::Image { image },
                 control::Origin::Disk { disk } => DiskSource::Disk { disk },
                 control::Origin::Import => DiskSource::Import,
+                control::Origin::Snapshot { snapshot } => DiskSource::Snapshot { snapshot },
             },
             created_at: d.created_at,
             updated_at: d.updated_at,

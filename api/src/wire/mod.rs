@@ -4,6 +4,7 @@
 mod disks;
 mod instances;
 mod operations;
+mod snapshots;
 mod values;
 
 pub use disks::{Disk, DiskCreate, DiskPatch, DiskSource, DiskSourceSpec, Image, ImageCreate};
@@ -12,4 +13,8 @@ pub use instances::{
     Instance, InstanceCreate, InstancePatch, NewDisk, Nic, NicSpec,
 };
 pub use operations::{Event, Operation};
+pub use snapshots::{
+    CreatedInstances, DiskSnapshot, DiskSnapshotCreate, InstanceCreateRequest, InstanceRestore,
+    RestoreNic, RestoreSource, Snapshot, SnapshotCreate, SnapshotDisk,
+};
 pub use values::{ActionKind, DiskFormat, ImageKind, InstanceState, Mac, OperationState, Size};
