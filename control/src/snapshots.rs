@@ -402,7 +402,6 @@ impl Manager {
             .snapshots
             .find(&spec.snapshot)
             .map_err(|_| invalid(field, format!("no snapshot named {:?}", spec.snapshot)))?;
-        let loaded = self.snapshots.load(&snap).map_err(|m| invalid(field, m))?;
         let names: Vec<String> = match spec.count {
             None => vec![spec.name.clone()],
             Some(n) if (1..=MAX_CLONES).contains(&n) => {
@@ -415,6 +414,7 @@ impl Manager {
                 ))
             }
         };
+        let loaded = self.snapshots.load(&snap).map_err(|m| invalid(field, m))?;
         if spec.nics.len() > snap.network_interfaces.len() {
             return Err(invalid(
                 "network_interfaces",
