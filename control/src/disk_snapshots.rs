@@ -49,8 +49,12 @@ fn rfc3339(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// An image error: a refusal of the image library names `field`; a failing host is internal.
 fn image_err(what: &str) -> impl Fn(images::Error) -> Error + '_ {
-    move |e| Error::internal(what, e)
+    move |e| match e {
+        images::Error::Io { .. } => Error::internal(what, e),
+        e => crate::disks::image_error("snapshot", e),
+    }
 }
 
 impl Manager {
@@ -245,7 +249,16 @@ impl Manager {
             let holder = self.holder(&cat, &def, false, "roll it back")?;
             (def, holder)
         };
-        self.disk_snapshot(&def.id.to_string(), name)?;
+        let snap = self.disk_snapshot(&def.id.to_string(), name)?;
+        if snap.size != def.size {
+            return Err(invalid(
+                "snapshot",
+                format!(
+                    "disk {} was grown since snapshot {name} ({} bytes then, {} now): rolling back would shrink it",
+                    def.name, snap.size, def.size
+                ),
+            ));
+        }
         let path = self.store.disk_file(&def);
         match def.format {
             Format::Qcow2 => Qcow2Disk::open(&path, false, &self.open_options())

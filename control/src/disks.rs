@@ -72,7 +72,7 @@ impl DiskExport {
     }
 }
 
-fn image_error(field: &str, e: images::Error) -> Error {
+pub(crate) fn image_error(field: &str, e: images::Error) -> Error {
     use std::io::ErrorKind::{FileTooLarge, StorageFull};
     match e {
         // The host's file system cannot hold it: more than the host can give.
