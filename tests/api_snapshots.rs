@@ -159,7 +159,7 @@ fn a_restored_instance_counts_on_with_its_disk_and_nic_also_after_a_daemon_resta
         .unwrap();
     s.wait_state("orig", "stopped");
     let at = last_count(&s.console("orig"));
-    assert!(at >= 5 && at < 40, "snapshot at count {at}");
+    assert!((5..40).contains(&at), "snapshot at count {at}");
     assert!(
         snap.memory_saved < snap.memory / 2,
         "only touched pages are saved: {} of {}",

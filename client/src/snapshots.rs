@@ -71,7 +71,7 @@ impl Client {
             .success()?
             .json()?;
         Ok(match made {
-            CreatedInstances::One(i) => vec![i],
+            CreatedInstances::One(i) => vec![*i],
             CreatedInstances::Many(all) => all,
         })
     }

@@ -250,7 +250,7 @@ impl<'de> Deserialize<'de> for InstanceCreateRequest {
 #[serde(untagged)]
 pub enum CreatedInstances {
     /// The new instance.
-    One(Instance),
+    One(Box<Instance>),
     /// The clones, in order.
     Many(Vec<Instance>),
 }
