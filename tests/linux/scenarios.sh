@@ -15,7 +15,7 @@
 # "KILN-SCENARIO NAME fail REASON". The log holds every command's output and the guests' consoles.
 
 ALL="xsave boot-pvh-1 boot-pvh-2 boot-bzimage-1 boot-bzimage-2 distro-cloud distro-generic blk net
-serve-lifecycle misbehave reboot-loop"
+serve-lifecycle misbehave reboot-loop snapshot"
 if [ "${1:-}" = --list ]; then
     echo $ALL
     exit 0
@@ -403,6 +403,62 @@ scenario_reboot_loop() {
         [ "$s" -le 40 ] || fail "a boot took $s s of guest time to reach /init ($times): a stall"
     done
     echo "RESULT boots=8 seconds_to_init=$(echo $times | tr ' ' ',')"
+}
+
+# Snapshot and restore through the API: a guest with a ticking process, a sleeping process and
+# a TCP connection to the host is snapshotted (and stopped), then restored into a new instance
+# with the same TAP and MAC. Its uptime goes on from where it was (no time passed for it), the
+# processes are still there, and the connection carries on: the host's reader sees every
+# line, in order, on the one connection it accepted (a reset would end it).
+scenario_snapshot() {
+    serve
+    tap kl3snp0 10.0.5.1/24
+    nc -l -p 9000 > "$WORK/tcp.out" 2>"$WORK/nc.err" &
+    ncpid=$!
+    bg_pids="$bg_pids $ncpid"
+    create l3 kl3snp0 "kiln_tick=1 kiln_ip=10.0.5.2/24 kiln_peer=10.0.5.1" 1
+    action l3 '{"action": "start"}' >/dev/null
+    wait_console l3 "KILN-GUEST-PING ok" "$T" || fail "the guest did not come up"
+    printf 'sleep 100000 & echo KILN-SNAP-PID $!\n(i=0; while :; do i=$((i+1)); echo seq $i; sleep 1; done) | nc 10.0.5.1 9000 &\n' |
+        kiln_cli console l3 --timeout 2 >/dev/null 2>&1
+    wait_console l3 "KILN-SNAP-PID" 60 || fail "the guest's shell did not start the processes"
+    pid=$(line "$WORK/console-l3" "KILN-SNAP-PID" | cut -d' ' -f2)
+    wait_line "$WORK/tcp.out" "seq 3" 60 || fail "no TCP connection from the guest: $(cat "$WORK/nc.err")"
+
+    note "snapshot, leaving the instance stopped"
+    snap=$(api POST /v1/instances/l3/snapshots '{"name": "l3snap", "stop": true}')
+    expect_status 201
+    echo "$snap"
+    [ "$(state_of l3)" = stopped ] || fail "state after the snapshot: $(state_of l3)"
+    ticks_before=$(ticks l3)
+    up_before=$(tr -d '\r' < "$WORK/console-l3" | sed -n 's/.*KILN-GUEST-TICK \([0-9]*\).*/\1/p' | tail -n 1)
+    seq_before=$(grep -c '^seq ' "$WORK/tcp.out")
+    sleep 5
+    [ "$(grep -c '^seq ' "$WORK/tcp.out")" = "$seq_before" ] || fail "the guest sent while stopped"
+    api DELETE /v1/instances/l3 >/dev/null
+    expect_status 204
+
+    note "restore into a new instance"
+    api POST /v1/instances '{"name": "l3b", "source": {"snapshot": "l3snap"}, "start": true}' >/dev/null
+    expect_status 201
+    wait_console l3b "KILN-GUEST-TICK" "$T" $((ticks_before + 3)) || fail "the restored guest does not tick"
+    [ "$(state_of l3b)" = running ] || fail "state after the restore: $(state_of l3b)"
+    up_after=$(tr -d '\r' < "$WORK/console-l3b" | sed -n 's/.*KILN-GUEST-TICK \([0-9]*\).*/\1/p' |
+        sed -n "$((ticks_before + 1))p")
+    [ -n "$up_after" ] && [ "$up_after" -ge "$up_before" ] && [ "$up_after" -le $((up_before + 5000)) ] ||
+        fail "uptime ${up_before} ms at the snapshot, ${up_after:-?} ms at the first tick after the restore"
+    [ "$(count "$WORK/console-l3b" "Linux version")" = 1 ] || fail "the restored guest booted again"
+    wait_line "$WORK/tcp.out" "^seq $((seq_before + 3))\$" 120 ||
+        fail "the TCP connection did not carry on (host got $(grep -c '^seq ' "$WORK/tcp.out") lines, $seq_before before): $(cat "$WORK/nc.err")"
+    kill -0 "$ncpid" 2>/dev/null || fail "the host's end of the connection closed (reset?): $(cat "$WORK/nc.err")"
+    n=$(grep -c '^seq ' "$WORK/tcp.out")
+    [ "$(grep '^seq ' "$WORK/tcp.out" | awk '$2 != NR' | wc -l)" = 0 ] || fail "the stream has gaps or repeats"
+    printf 'kill -0 %s && echo KILN-SNAP-ALIVE %s\n' "$pid" "$pid" | kiln_cli console l3b --timeout 2 >/dev/null 2>&1
+    wait_console l3b "KILN-SNAP-ALIVE $pid" 60 || fail "process $pid is gone after the restore"
+    ping -c 2 -W 5 10.0.5.2 || fail "the host cannot ping the restored guest"
+    paused=$(echo "$snap" | sed -n 's/.*"paused_us":\([0-9]*\).*/\1/p')
+    saved=$(echo "$snap" | sed -n 's/.*"memory_saved":\([0-9]*\).*/\1/p')
+    echo "RESULT uptime_ms=$up_before->$up_after tcp_lines=$seq_before->$n pid=$pid paused_us=$paused memory_saved=$saved"
 }
 
 # ---------------------------------------------------------------- runner
