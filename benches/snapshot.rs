@@ -284,11 +284,167 @@ fn main() {
         stop(r);
     }
 
+    // 5. The same through `kiln serve`'s API.
+    serve_bench(tmp.path(), memory, runs, clones);
+
     if let Some(fc) = firecracker {
         firecracker_bench(&fc, tmp.path(), memory, runs);
     } else {
         println!("firecracker: not measured (give --firecracker PATH)");
     }
+}
+
+/// VmRSS, RssAnon and RssFile of a process, in bytes.
+fn rss_of(pid: u32) -> (u64, u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            << 10
+    };
+    (kib("VmRSS:"), kib("RssAnon:"), kib("RssFile:"))
+}
+
+/// Snapshot, restore and clones through a real `kiln serve` and its API: the snapshot's
+/// pause and bytes as the API reports them, the daemon's own restore times (from its log:
+/// cold, then from the shell it prepared), and `count` clones in one request (the time to
+/// all of them running, the daemon's RSS per clone).
+fn serve_bench(tmp: &Path, memory: u64, runs: usize, clones: usize) {
+    use client::wire::{InstanceCreate, InstanceRestore, RestoreSource, SnapshotCreate};
+    use std::process::{Command, Stdio};
+    let dir = tmp.join("serve");
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("kiln.sock");
+    let log = dir.join("serve.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("KILN_LOG", "control=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = client::Client::unix(&socket);
+    let state = |name: &str| {
+        let i = rt.block_on(c.instance_get(name)).unwrap().value;
+        serde_json::to_value(i.state).unwrap().as_str().unwrap().to_string()
+    };
+    let wait_running = |name: &str| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while state(name) != "running" {
+            assert!(Instant::now() < end, "{name} does not run");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let spec: InstanceCreate = serde_json::from_value(serde_json::json!({
+        "name": "src", "vcpus": 1, "memory": format!("{memory}MiB"),
+        "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=hlt"},
+        "disks": [{"create": {"name": "src-root", "size": "64MiB", "format": "qcow2"}}],
+        "start": true,
+    }))
+    .unwrap();
+    rt.block_on(c.instance_create(&spec)).unwrap();
+    wait_running("src");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut paused = Vec::new();
+    let mut saved = 0;
+    for i in 0..runs {
+        let s = rt
+            .block_on(c.instance_snapshot_create(
+                "src",
+                &SnapshotCreate {
+                    name: format!("s{i}"),
+                    description: String::new(),
+                    stop: false,
+                },
+            ))
+            .unwrap();
+        paused.push(s.paused_us as f64 / 1e3);
+        saved = s.memory_saved;
+    }
+    println!(
+        "kiln serve: snapshot of a {memory} MiB probe guest with a 64 MiB qcow2 disk, pause to resumed {:.2} ms \
+         (median of {runs}, as the API reports it), memory saved {:.2} MiB",
+        median(&mut paused),
+        saved as f64 / (1 << 20) as f64
+    );
+    let restore = |name: &str, count: Option<u32>| {
+        let t = Instant::now();
+        let made = rt
+            .block_on(c.instance_restore(&InstanceRestore {
+                name: name.into(),
+                description: String::new(),
+                source: RestoreSource {
+                    snapshot: "s0".into(),
+                },
+                count,
+                fresh_mac: false,
+                network_interfaces: Vec::new(),
+                auto_start: false,
+                start: true,
+            }))
+            .unwrap();
+        for i in &made {
+            wait_running(&i.name);
+        }
+        t.elapsed()
+    };
+    let mut api = Vec::new();
+    for i in 0..runs {
+        api.push(restore(&format!("r{i}"), None).as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let times = |kind: &str| -> Vec<f64> {
+        text.lines()
+            .filter(|l| l.contains(kind) && l.contains("running after"))
+            .filter_map(|l| l.split("running after ").nth(1))
+            .filter_map(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|us| us / 1e3)
+            .collect()
+    };
+    let (mut cold, mut warm) = (times("(cold)"), times("(prepared shell)"));
+    println!(
+        "kiln serve: restore (POST /v1/instances with source.snapshot and start) to the instance running \
+         {:.1} ms through the API (median of {runs}: HTTP, disk overlay, polling); inside the daemon, \
+         restore to vCPUs running {:.2} ms cold ({} runs), {:.2} ms from the prepared shell ({} runs)",
+        median(&mut api),
+        if cold.is_empty() { f64::NAN } else { median(&mut cold) },
+        cold.len(),
+        if warm.is_empty() { f64::NAN } else { median(&mut warm) },
+        warm.len(),
+    );
+    let before = rss_of(child.id());
+    let took = restore("clone", Some(clones as u32));
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss_of(child.id());
+    let per = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / clones as f64 / 1024.0;
+    println!(
+        "kiln serve: {clones} clones in one request (count), all running after {:.0} ms ({:.0} clones/s); \
+         daemon RSS per clone {:.0} KiB (anonymous {:.0} KiB, file-backed {:.0} KiB)",
+        took.as_secs_f64() * 1e3,
+        clones as f64 / took.as_secs_f64(),
+        per(after.0, before.0),
+        per(after.1, before.1),
+        per(after.2, before.2),
+    );
+    // SAFETY: SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
 }
 
 /// Runs `kiln run --restore dir` on a pseudo-terminal, types a line, and times the process

@@ -413,17 +413,26 @@ scenario_reboot_loop() {
 scenario_snapshot() {
     serve
     tap kl3snp0 10.0.5.1/24
-    nc -l -p 9000 > "$WORK/tcp.out" 2>"$WORK/nc.err" &
+    # (Typed commands are echoed on the console: their markers are split by "" so that only
+    # the output matches.)
+    # The host's end reads the connection into tcp.out; its stdin is a FIFO this shell holds
+    # open (busybox nc stops reading the socket once its stdin ends).
+    mkfifo "$WORK/hold"
+    nc -l -p 9000 < "$WORK/hold" > "$WORK/tcp.out" 2>"$WORK/nc.err" &
     ncpid=$!
     bg_pids="$bg_pids $ncpid"
+    exec 3>"$WORK/hold"
     create l3 kl3snp0 "kiln_tick=1 kiln_ip=10.0.5.2/24 kiln_peer=10.0.5.1" 1
     action l3 '{"action": "start"}' >/dev/null
     wait_console l3 "KILN-GUEST-PING ok" "$T" || fail "the guest did not come up"
-    printf 'sleep 100000 & echo KILN-SNAP-PID $!\n(i=0; while :; do i=$((i+1)); echo seq $i; sleep 1; done) | nc 10.0.5.1 9000 &\n' |
+    printf 'sleep 100000 & echo KILN-SNAP-P""ID $!\n(i=0; while :; do i=$((i+1)); echo seq $i; sleep 1; done) | nc 10.0.5.1 9000 &\n' |
         kiln_cli console l3 --timeout 2 >/dev/null 2>&1
     wait_console l3 "KILN-SNAP-PID" 60 || fail "the guest's shell did not start the processes"
     pid=$(line "$WORK/console-l3" "KILN-SNAP-PID" | cut -d' ' -f2)
-    wait_line "$WORK/tcp.out" "seq 3" 60 || fail "no TCP connection from the guest: $(cat "$WORK/nc.err")"
+    wait_line "$WORK/tcp.out" "seq 3" 60 || {
+        cat "$(console_of l3)"
+        fail "no TCP connection from the guest: $(cat "$WORK/nc.err")"
+    }
 
     note "snapshot, leaving the instance stopped"
     snap=$(api POST /v1/instances/l3/snapshots '{"name": "l3snap", "stop": true}')
@@ -448,12 +457,14 @@ scenario_snapshot() {
     [ -n "$up_after" ] && [ "$up_after" -ge "$up_before" ] && [ "$up_after" -le $((up_before + 5000)) ] ||
         fail "uptime ${up_before} ms at the snapshot, ${up_after:-?} ms at the first tick after the restore"
     [ "$(count "$WORK/console-l3b" "Linux version")" = 1 ] || fail "the restored guest booted again"
-    wait_line "$WORK/tcp.out" "^seq $((seq_before + 3))\$" 120 ||
+    wait_line "$WORK/tcp.out" "^seq $((seq_before + 3))\$" 120 || {
+        cat "$(console_of l3b)"
         fail "the TCP connection did not carry on (host got $(grep -c '^seq ' "$WORK/tcp.out") lines, $seq_before before): $(cat "$WORK/nc.err")"
+    }
     kill -0 "$ncpid" 2>/dev/null || fail "the host's end of the connection closed (reset?): $(cat "$WORK/nc.err")"
     n=$(grep -c '^seq ' "$WORK/tcp.out")
     [ "$(grep '^seq ' "$WORK/tcp.out" | awk '$2 != NR' | wc -l)" = 0 ] || fail "the stream has gaps or repeats"
-    printf 'kill -0 %s && echo KILN-SNAP-ALIVE %s\n' "$pid" "$pid" | kiln_cli console l3b --timeout 2 >/dev/null 2>&1
+    printf 'kill -0 %s && echo KILN-SNAP-AL""IVE %s\n' "$pid" "$pid" | kiln_cli console l3b --timeout 2 >/dev/null 2>&1
     wait_console l3b "KILN-SNAP-ALIVE $pid" 60 || fail "process $pid is gone after the restore"
     ping -c 2 -W 5 10.0.5.2 || fail "the host cannot ping the restored guest"
     paused=$(echo "$snap" | sed -n 's/.*"paused_us":\([0-9]*\).*/\1/p')
