@@ -341,7 +341,11 @@ fn serve_bench(tmp: &Path, memory: u64, runs: usize, clones: usize) {
     let c = client::Client::unix(&socket);
     let state = |name: &str| {
         let i = rt.block_on(c.instance_get(name)).unwrap().value;
-        serde_json::to_value(i.state).unwrap().as_str().unwrap().to_string()
+        serde_json::to_value(i.state)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     let wait_running = |name: &str| {
         let end = Instant::now() + Duration::from_secs(60);
