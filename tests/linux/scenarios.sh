@@ -413,7 +413,8 @@ scenario_reboot_loop() {
 scenario_snapshot() {
     serve
     tap kl3snp0 10.0.5.1/24
-    # (Typed commands are echoed on the console: their markers are split by "" so that only
+    # kiln console leaves once the guest has been quiet for 2 s, which a ticking guest never
+    # is: it is cut off after 20 s. (Typed commands are echoed on the console: their markers are split by "" so that only
     # the output matches.)
     # The host's end reads the connection into tcp.out; its stdin is a FIFO this shell holds
     # open (busybox nc stops reading the socket once its stdin ends).
@@ -426,7 +427,7 @@ scenario_snapshot() {
     action l3 '{"action": "start"}' >/dev/null
     wait_console l3 "KILN-GUEST-PING ok" "$T" || fail "the guest did not come up"
     printf 'sleep 100000 & echo KILN-SNAP-P""ID $!\n(i=0; while :; do i=$((i+1)); echo seq $i; sleep 1; done) | nc 10.0.5.1 9000 &\n' |
-        kiln_cli console l3 --timeout 2 >/dev/null 2>&1
+        timeout -s KILL 20 "$KILN" console l3 --socket "$S" --timeout 2 >/dev/null 2>&1
     wait_console l3 "KILN-SNAP-PID" 60 || fail "the guest's shell did not start the processes"
     pid=$(line "$WORK/console-l3" "KILN-SNAP-PID" | cut -d' ' -f2)
     wait_line "$WORK/tcp.out" "seq 3" 60 || {
@@ -464,7 +465,8 @@ scenario_snapshot() {
     kill -0 "$ncpid" 2>/dev/null || fail "the host's end of the connection closed (reset?): $(cat "$WORK/nc.err")"
     n=$(grep -c '^seq ' "$WORK/tcp.out")
     [ "$(grep '^seq ' "$WORK/tcp.out" | awk '$2 != NR' | wc -l)" = 0 ] || fail "the stream has gaps or repeats"
-    printf 'kill -0 %s && echo KILN-SNAP-AL""IVE %s\n' "$pid" "$pid" | kiln_cli console l3b --timeout 2 >/dev/null 2>&1
+    printf 'kill -0 %s && echo KILN-SNAP-AL""IVE %s\n' "$pid" "$pid" |
+        timeout -s KILL 20 "$KILN" console l3b --socket "$S" --timeout 2 >/dev/null 2>&1
     wait_console l3b "KILN-SNAP-ALIVE $pid" 60 || fail "process $pid is gone after the restore"
     ping -c 2 -W 5 10.0.5.2 || fail "the host cannot ping the restored guest"
     paused=$(echo "$snap" | sed -n 's/.*"paused_us":\([0-9]*\).*/\1/p')
