@@ -36,7 +36,7 @@ count() { tr -d '\r' < "$1" | grep -c "$2"; }
 field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n 1; }
 # wait_line FILE PATTERN SECONDS [COUNT]: until FILE has COUNT (default 1) lines with PATTERN.
 wait_line() {
-    n=0
+    local n=0
     while [ "$(count "$1" "$2" 2>/dev/null)" -lt "${4:-1}" ]; do
         n=$((n + 1))
         [ "$n" -ge $(($3 * 2)) ] && return 1
@@ -267,7 +267,7 @@ state_of() { api GET "/v1/instances/$1" 2>/dev/null | sed -n 's/.*"state":"\([a-
 console_of() { api GET "/v1/instances/$1/console" 2>/dev/null > "$WORK/console-$1"; echo "$WORK/console-$1"; }
 # wait_console NAME PATTERN SECONDS [COUNT]
 wait_console() {
-    n=0
+    local n=0
     while [ "$(count "$(console_of "$1")" "$2")" -lt "${4:-1}" ]; do
         n=$((n + 1))
         [ $n -ge "$3" ] && { cat "$WORK/console-$1"; return 1; }
@@ -463,7 +463,7 @@ scenario_snapshot() {
         fail "the TCP connection did not carry on (host got $(grep -c '^seq ' "$WORK/tcp.out") lines, $seq_before before): $(cat "$WORK/nc.err")"
     }
     kill -0 "$ncpid" 2>/dev/null || fail "the host's end of the connection closed (reset?): $(cat "$WORK/nc.err")"
-    n=$(grep -c '^seq ' "$WORK/tcp.out")
+    seq_after=$(grep -c '^seq ' "$WORK/tcp.out")
     [ "$(grep '^seq ' "$WORK/tcp.out" | awk '$2 != NR' | wc -l)" = 0 ] || fail "the stream has gaps or repeats"
     printf 'kill -0 %s && echo KILN-SNAP-AL""IVE %s\n' "$pid" "$pid" |
         timeout -s KILL 20 "$KILN" console l3b --socket "$S" --timeout 2 >/dev/null 2>&1
@@ -471,7 +471,7 @@ scenario_snapshot() {
     ping -c 2 -W 5 10.0.5.2 || fail "the host cannot ping the restored guest"
     paused=$(echo "$snap" | sed -n 's/.*"paused_us":\([0-9]*\).*/\1/p')
     saved=$(echo "$snap" | sed -n 's/.*"memory_saved":\([0-9]*\).*/\1/p')
-    echo "RESULT uptime_ms=$up_before->$up_after tcp_lines=$seq_before->$n pid=$pid paused_us=$paused memory_saved=$saved"
+    echo "RESULT uptime_ms=$up_before->$up_after tcp_lines=$seq_before->$seq_after pid=$pid paused_us=$paused memory_saved=$saved"
 }
 
 # ---------------------------------------------------------------- runner
