@@ -294,7 +294,8 @@ async fn image_command(ep: &Endpoint, c: &client::Client, cmd: ImageCommand) -> 
                     let spec = ImageCreate {
                         name,
                         kind: kind.into(),
-                        path: path.display().to_string(),
+                        path: Some(path.display().to_string()),
+                        source: None,
                         description: String::new(),
                     };
                     c.image_create(&spec).await?

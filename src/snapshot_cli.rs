@@ -2,7 +2,9 @@
 //! snapshots, through a running `kiln serve`.
 
 use clap::Subcommand;
-use client::wire::{InstanceRestore, RestoreSource, SnapshotCreate};
+use client::wire::{
+    ImageCreate, ImageKind, ImageSourceSpec, InstanceRestore, RestoreSource, SnapshotCreate,
+};
 use serde_json::Value;
 
 use crate::endpoint::{Endpoint, Failed};
@@ -86,6 +88,16 @@ pub enum DiskSnapshotCommand {
         /// The snapshot's name.
         name: String,
     },
+    /// Make a disk image from a disk's snapshot (detached, or its instance stopped), stored by
+    /// the server; disks can then be made from the image.
+    Image {
+        /// Disk name or id.
+        disk: String,
+        /// The snapshot's name.
+        name: String,
+        /// The new image's name (a-z, 0-9, '-').
+        image: String,
+    },
 }
 
 /// Runs `kiln snapshot …`; returns the exit status.
@@ -146,6 +158,19 @@ async fn command(ep: &Endpoint, c: &client::Client, cmd: SnapshotCommand) -> Res
                 &c.disk_snapshot_rollback(&disk, &name).await?.value,
                 table::disks,
             ),
+            DiskSnapshotCommand::Image { disk, name, image } => {
+                let spec = ImageCreate {
+                    name: image,
+                    kind: ImageKind::Disk,
+                    path: None,
+                    source: Some(ImageSourceSpec::Snapshot {
+                        disk,
+                        snapshot: name,
+                    }),
+                    description: String::new(),
+                };
+                ep.show(&c.image_create(&spec).await?, table::images)
+            }
         },
     }
     Ok(())

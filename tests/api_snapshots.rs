@@ -509,6 +509,58 @@ fn disk_snapshots_of_a_running_disk_list_copy_roll_back_and_delete() {
     );
     assert_eq!(st, 201, "{v}");
     assert_eq!(export("copy"), pattern_bytes(1, 0, 8 * 512));
+    // So does an image made from it, and a disk made from that image.
+    let (st, v) = s.json(
+        Method::POST,
+        "/v1/images",
+        json!({"name": "golden", "kind": "disk", "source": {"type": "snapshot", "disk": "data", "snapshot": "one"}}),
+    );
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        (v["kind"].as_str(), v["uploaded"].as_bool()),
+        (Some("disk"), Some(true)),
+        "{v}"
+    );
+    let (st, v) = s.json(
+        Method::POST,
+        "/v1/disks",
+        json!({"name": "from-golden", "source": {"type": "image", "image": "golden"}}),
+    );
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(export("from-golden"), pattern_bytes(1, 0, 8 * 512));
+    // Refused with nothing made: no such snapshot, not a disk image, both path and source.
+    let images_dir = s.state_dir.join("images");
+    let files = || std::fs::read_dir(&images_dir).map_or(0, |d| d.count());
+    let before = files();
+    for (body, field) in [
+        (
+            json!({"name": "bad", "kind": "disk", "source": {"type": "snapshot", "disk": "data", "snapshot": "nope"}}),
+            "source.snapshot",
+        ),
+        (
+            json!({"name": "bad", "kind": "kernel", "source": {"type": "snapshot", "disk": "data", "snapshot": "one"}}),
+            "kind",
+        ),
+        (
+            json!({"name": "bad", "kind": "disk", "path": "/x", "source": {"type": "snapshot", "disk": "data", "snapshot": "one"}}),
+            "source",
+        ),
+        (json!({"name": "bad", "kind": "disk"}), "path"),
+    ] {
+        let (st, v) = s.json(Method::POST, "/v1/images", body);
+        assert_eq!(
+            (st, v["error"]["code"].as_str()),
+            (400, Some("invalid_value")),
+            "{v}"
+        );
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{field}: {v}"
+        );
+    }
+    assert_eq!(files(), before, "a refused image left a file behind");
+    let (st, _) = s.json(Method::GET, "/v1/images/bad", Value::Null);
+    assert_eq!(st, 404);
     // Rolled back (its instance is stopped), the disk is as it was.
     let (st, v) = s.json(
         Method::POST,

@@ -65,6 +65,21 @@ fn snapshot_restore_clone_and_disk_snapshots_from_the_cli() {
     assert_eq!(d["name"], "first");
     let list = json_of(&s, &["snapshot", "disk", "list", "root"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let img = json_of(
+        &s,
+        &["snapshot", "disk", "image", "root", "first", "root-golden"],
+    );
+    assert_eq!(
+        (img["name"].as_str(), img["kind"].as_str()),
+        (Some("root-golden"), Some("disk")),
+        "{img}"
+    );
+    let r = kiln(
+        &s,
+        &["snapshot", "disk", "image", "root", "nope", "other"],
+        1,
+    );
+    assert!(r.stderr.contains("source.snapshot"), "{}", r.dump());
     let rolled = json_of(&s, &["snapshot", "disk", "rollback", "root", "first"]);
     assert_eq!(rolled["name"], "root");
     kiln(&s, &["snapshot", "disk", "delete", "root", "first"], 0);

@@ -14,7 +14,7 @@ use crate::plane::{blocking, Mgr};
 use crate::resource::image_path;
 use crate::respond::with_location;
 use crate::streaming::body_reader;
-use crate::wire::{Image, ImageCreate, ImageKind};
+use crate::wire::{Image, ImageCreate, ImageKind, ImageSourceSpec};
 
 /// The images, `kiln-probe` first.
 #[utoipa::path(get, path = "/v1/images", tag = "images", operation_id = "image_list",
@@ -48,20 +48,53 @@ fn created(img: control::Image) -> Response {
 }
 
 /// Registers a file inside one of the server's image directories (`kiln serve --image-dir`)
-/// as an image. Kiln never writes it.
+/// as an image (Kiln never writes it), or makes a disk image in the state directory from a
+/// snapshot of a disk (`source`).
 #[utoipa::path(post, path = "/v1/images", tag = "images", operation_id = "image_create",
     request_body(content = ImageCreate, description = "The image"),
     responses(
         (status = 201, description = "Registered", body = Image,
             headers(("Location" = String, description = "The new image's path"))),
-        (status = 400, description = "`invalid_value`: the name, or a path outside the image directories or not of its kind", body = ErrorBody),
-        (status = 409, description = "`already_exists`: the name is taken", body = ErrorBody),
+        (status = 400, description = "`invalid_value`: the name, a path outside the image directories or not of its kind, neither or both of `path` and `source`, a disk or snapshot that does not exist", body = ErrorBody),
+        (status = 409, description = "`already_exists`: the name is taken; `in_use`: the snapshot's disk is attached to an instance that is not stopped", body = ErrorBody),
+        (status = 413, description = "`insufficient_capacity`: the host's file system cannot hold the copy", body = ErrorBody),
     ))]
 pub(crate) async fn create(
     Mgr(m): Mgr,
     ApiJson(spec): ApiJson<ImageCreate>,
 ) -> Result<Response, ApiError> {
-    let img = blocking(move || m.add_image(spec.into())).await?;
+    let refuse = |field: &str, message: &str| control::Error::InvalidValue {
+        field: field.into(),
+        message: message.into(),
+    };
+    let img = match (spec.path, spec.source) {
+        (Some(path), None) => {
+            let new = control::NewImage {
+                name: spec.name,
+                kind: spec.kind.into(),
+                path: path.into(),
+                description: spec.description,
+            };
+            blocking(move || m.add_image(new)).await?
+        }
+        (None, Some(ImageSourceSpec::Snapshot { disk, snapshot })) => {
+            if control::ImageKind::from(spec.kind) != control::ImageKind::Disk {
+                Err(refuse(
+                    "kind",
+                    "an image made from a disk snapshot is a disk image",
+                ))?;
+            }
+            blocking(move || {
+                m.image_from_disk_snapshot(&spec.name, &spec.description, &disk, &snapshot)
+            })
+            .await?
+        }
+        (Some(_), Some(_)) => Err(refuse("source", "give path or source, not both"))?,
+        (None, None) => Err(refuse(
+            "path",
+            "give path (a file) or source (a disk snapshot)",
+        ))?,
+    };
     Ok(created(img))
 }
 

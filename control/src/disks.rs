@@ -455,7 +455,12 @@ impl Manager {
         })
     }
 
-    fn check_detached_or_stopped(&self, cat: &Catalog, def: &DiskDef, what: &str) -> Result<()> {
+    pub(crate) fn check_detached_or_stopped(
+        &self,
+        cat: &Catalog,
+        def: &DiskDef,
+        what: &str,
+    ) -> Result<()> {
         if let Some(inst) = cat.attached_to(def.id) {
             let state = self.slot(inst.id)?.state();
             if !state.is_stopped() {

@@ -198,6 +198,78 @@ impl Manager {
         Ok(img)
     }
 
+    /// Makes a disk image, stored in the state directory, from a snapshot of a disk (detached,
+    /// or attached to a stopped instance): an independent file in the disk's format, holding
+    /// the disk as it was when the snapshot was taken. Nothing is left behind on failure.
+    /// Blocks while the file is copied; the catalog's lock is not held meanwhile.
+    pub fn image_from_disk_snapshot(
+        &self,
+        name: &str,
+        description: &str,
+        disk: &str,
+        snapshot: &str,
+    ) -> Result<Image> {
+        let (src, _reading) = {
+            let cat = lock(&self.catalog);
+            cat.check_new_name(Kind::Image, name)?;
+            let src = cat
+                .disk(disk)
+                .map_err(|_| invalid("source.disk", format!("no disk named {disk:?}")))?
+                .clone();
+            self.check_detached_or_stopped(&cat, &src, "copy its snapshot")?;
+            let reading = crate::catalog::Reading::begin(&cat, src.id);
+            (src, reading)
+        };
+        if !self
+            .disk_snapshots_of(&src)?
+            .iter()
+            .any(|s| s.name == snapshot)
+        {
+            return Err(invalid(
+                "source.snapshot",
+                format!("disk {} has no snapshot {snapshot:?}", src.name),
+            ));
+        }
+        let id = Uuid::new_v4();
+        let path = self.store.upload_file(id);
+        let file = FileGuard::new(path.clone());
+        let opts = self.open_options();
+        match src.format {
+            Format::Qcow2 => images::create_from_snapshot(
+                &self.store.disk_file(&src),
+                snapshot,
+                &path,
+                Format::Qcow2,
+                &opts,
+                &mut |_| {},
+            ),
+            Format::Raw => images::clone_image(
+                &self.raw_snapshot_file(&src, snapshot),
+                &path,
+                Format::Raw,
+                &opts,
+                &mut |_| {},
+            ),
+        }
+        .map_err(|e| crate::disks::image_error("source.snapshot", e))?;
+        let (format, size) = self.inspect(ImageKind::Disk, &path)?;
+        let img = Image {
+            id,
+            name: name.into(),
+            description: description.into(),
+            kind: ImageKind::Disk,
+            path: Some(path),
+            format,
+            size,
+            uploaded: true,
+            builtin: false,
+            created_at: now(),
+        };
+        self.commit_image(&mut lock(&self.catalog), &img)?;
+        file.keep();
+        Ok(img)
+    }
+
     /// Deletes an image no instance boots from and no disk is an overlay on.
     pub fn delete_image(&self, key: &str) -> Result<()> {
         let mut cat = lock(&self.catalog);

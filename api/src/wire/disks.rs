@@ -186,32 +186,40 @@ impl From<control::DiskView> for Disk {
     }
 }
 
-/// The body of `POST /v1/images`.
+/// Where a new image's content comes from, when it is not a file in an image directory.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ImageSourceSpec {
+    /// A copy of a snapshot of a disk (detached, or attached to a stopped instance), stored in
+    /// the server's state directory: a disk image, in the disk's format.
+    Snapshot {
+        /// The disk, by name or id.
+        disk: String,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+}
+
+/// The body of `POST /v1/images`: a file in an image directory (`path`) or a copy of a disk
+/// snapshot (`source`), exactly one of them.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageCreate {
     /// Unique name: 1-63 of `[a-z0-9-]`, starting with a letter.
     #[schema(pattern = "^[a-z][a-z0-9-]{0,62}$", example = "data")]
     pub name: String,
-    /// What it is for.
+    /// What it is for (`disk` for an image made from a snapshot).
     pub kind: ImageKind,
     /// A file on the server's host, inside one of its image directories
     /// (`kiln serve --image-dir`).
-    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A disk snapshot to copy instead of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ImageSourceSpec>,
     /// Free text.
     #[serde(default)]
     pub description: String,
-}
-
-impl From<ImageCreate> for control::NewImage {
-    fn from(c: ImageCreate) -> Self {
-        Self {
-            name: c.name,
-            kind: c.kind.into(),
-            path: c.path.into(),
-            description: c.description,
-        }
-    }
 }
 
 /// An image: a kernel, an initrd or a base disk image.

@@ -7,7 +7,9 @@ mod operations;
 mod snapshots;
 mod values;
 
-pub use disks::{Disk, DiskCreate, DiskPatch, DiskSource, DiskSourceSpec, Image, ImageCreate};
+pub use disks::{
+    Disk, DiskCreate, DiskPatch, DiskSource, DiskSourceSpec, Image, ImageCreate, ImageSourceSpec,
+};
 pub use instances::{
     ActionRequest, AttachRequest, AttachedDisk, BootPatch, BootSpec, DiskSpec, ExistingDisk,
     Instance, InstanceCreate, InstancePatch, NewDisk, Nic, NicSpec,
