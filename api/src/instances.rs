@@ -14,8 +14,8 @@ use crate::plane::{blocking, Mgr};
 use crate::resource::{if_match, operation_path};
 use crate::respond::{created, tagged, with_location};
 use crate::wire::{
-    ActionRequest, AttachRequest, CreatedInstances, Instance, InstanceCreateRequest, InstancePatch,
-    Operation,
+    ActionRequest, AttachRequest, CreatedInstances, Instance, InstanceCreate,
+    InstanceCreateRequest, InstancePatch, Operation,
 };
 
 /// The instances, oldest first.
@@ -85,11 +85,14 @@ pub(crate) async fn list(
     ))]
 pub(crate) async fn create(
     Mgr(m): Mgr,
-    ApiJson(spec): ApiJson<InstanceCreateRequest>,
+    ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let spec = match spec {
-        InstanceCreateRequest::Boot(spec) => spec,
-        InstanceCreateRequest::Restore(r) => return crate::snapshots::restore(m, r).await,
+    // Parsed here rather than by InstanceCreateRequest's own Deserialize, so that a refusal
+    // names the field (`memory`, `source.snapshot`) as every other body's does.
+    let spec: InstanceCreate = if body.get("source").is_some() {
+        return crate::snapshots::restore(m, crate::json::from_value(body)?).await;
+    } else {
+        crate::json::from_value(body)?
     };
     let (inst, _op) = blocking(move || m.create(spec.into())).await?;
     Ok(created(inst))
