@@ -777,3 +777,38 @@ fn guest_writes_to_a_fresh_qcow2_disk_leave_a_clean_image() {
     assert_eq!(st, 200);
     assert!(raw == want, "export differs from what the guest wrote");
 }
+
+#[test]
+fn a_disk_is_free_again_once_its_export_has_been_read() {
+    // An export marks its disk as being read; a client that has the whole body must find the
+    // mark gone (the server used to drop it just after the last bytes left: a 409 race).
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    for format in ["raw", "qcow2"] {
+        let name = format!("d-{format}");
+        let (st, v) = s.json(
+            Method::POST,
+            "/v1/disks",
+            json!({"name": name, "size": "2MiB", "format": format}),
+        );
+        assert_eq!(st, 201, "{v}");
+        for i in 0..25 {
+            let snap = format!("s{i}");
+            let (st, v) = s.json(
+                Method::POST,
+                &format!("/v1/disks/{name}/snapshots"),
+                json!({ "name": snap }),
+            );
+            assert_eq!(st, 201, "{v}");
+            let (st, bytes) =
+                s.call_bytes(Method::GET, &format!("/v1/disks/{name}/export"), Vec::new());
+            assert_eq!((st, bytes.len()), (200, 2 << 20));
+            let (st, v) = s.json(
+                Method::DELETE,
+                &format!("/v1/disks/{name}/snapshots/{snap}"),
+                Value::Null,
+            );
+            assert_eq!(st, 204, "round {i} of {format}: {v}");
+        }
+    }
+}
