@@ -15,7 +15,7 @@
 //! A snapshot is loaded and checked (format, Kiln version, checksum) before anything is
 //! created from it: a corrupt or foreign one is refused with nothing made.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -153,6 +153,9 @@ pub(crate) struct Snapshots {
     loaded: Mutex<HashMap<Uuid, Arc<vmm::Snapshot>>>,
     /// One VM shell per snapshot restored before, prepared for the next restore.
     prepared: Arc<Mutex<HashMap<Uuid, PreparedVm>>>,
+    /// Snapshots whose shell is being prepared: at most one preparing thread per snapshot,
+    /// however many restores a burst (`count`) makes.
+    preparing: Arc<Mutex<HashSet<Uuid>>>,
     /// Names being taken (a snapshot is written without the lock).
     taking: Mutex<Vec<String>>,
 }
@@ -179,6 +182,7 @@ impl Snapshots {
             defs: Mutex::new(defs),
             loaded: Mutex::default(),
             prepared: Arc::default(),
+            preparing: Arc::default(),
             taking: Mutex::default(),
         })
     }
@@ -672,19 +676,24 @@ impl Manager {
         }
         // The next restore of this snapshot need not wait for KVM to register memory.
         let (host, prepared, id) = (self.host.clone(), self.snapshots.prepared.clone(), def.id);
-        let _ = std::thread::Builder::new()
+        let preparing = self.snapshots.preparing.clone();
+        if lock(&prepared).contains_key(&id) || !lock(&preparing).insert(id) {
+            return Ok(());
+        }
+        let spawned = std::thread::Builder::new()
             .name("kiln-prepare".into())
             .spawn(move || {
-                if lock(&prepared).contains_key(&id) {
-                    return;
-                }
                 match PreparedVm::new(&host, loaded) {
                     Ok(p) => {
                         lock(&prepared).entry(id).or_insert(p);
                     }
                     Err(e) => tracing::warn!("preparing a restore: {e}"),
                 }
+                lock(&preparing).remove(&id);
             });
+        if spawned.is_err() {
+            lock(&self.snapshots.preparing).remove(&id);
+        }
         Ok(())
     }
 }
