@@ -115,6 +115,7 @@ fn boot(host: &Arc<Host>, memory_mib: u64, cmds: &str) -> Running {
         cmdline: format!("console=ttyS0 probe={cmds}"),
         disks: Vec::new(),
         nets: Vec::new(),
+        pit: false,
     };
     let (c, out, input) = console();
     let vm = Vm::new(host.clone(), config, c).expect("VM");

@@ -250,3 +250,25 @@ fn reboots_in_place_leave_no_fds_behind() {
         many as i64 - none as i64
     );
 }
+
+#[test]
+fn no_pit_unless_asked_for_and_it_counts_when_it_is() {
+    let r = probe("pit,poweroff", &[]);
+    assert_clean_poweroff(&r);
+    assert!(
+        r.lines()
+            .iter()
+            .any(|l| l.starts_with("PROBE-OK pit absent ")),
+        "{}",
+        r.dump()
+    );
+    let r = probe("pit,poweroff", &["--pit"]);
+    assert_clean_poweroff(&r);
+    assert!(
+        r.lines()
+            .iter()
+            .any(|l| l.starts_with("PROBE-OK pit present ")),
+        "{}",
+        r.dump()
+    );
+}

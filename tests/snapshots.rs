@@ -177,6 +177,29 @@ fn the_probe_counts_on_after_a_restore_in_a_new_process() {
     }
 }
 
+#[test]
+fn a_vm_with_a_pit_has_it_again_after_a_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snap");
+    let before = snapshot_at(
+        kiln_cmd(),
+        "count:8,pit,poweroff",
+        &["--pit"],
+        "PROBE-COUNT 3",
+        &dir,
+    );
+    assert!(
+        !before.iter().any(|l| l.starts_with("PROBE-OK pit")),
+        "{before:?}"
+    );
+    let (status, after, err) = restore(kiln_cmd(), &dir, &[], Duration::from_secs(60));
+    assert_eq!(status, Some(0), "{after:?}\n{err}");
+    assert!(
+        after.iter().any(|l| l.starts_with("PROBE-OK pit present ")),
+        "{after:?}"
+    );
+}
+
 const TAP: &str = "ktap0";
 const HOST_IP: &str = "10.78.0.1";
 const GUEST_IP: &str = "10.78.0.2";
@@ -335,6 +358,7 @@ fn probe_config(cmds: &str, disks: Vec<PathBuf>) -> VmConfig {
             })
             .collect(),
         nets: Vec::new(),
+        pit: false,
     }
 }
 
@@ -593,11 +617,11 @@ fn corrupt_truncated_and_foreign_snapshots_are_refused() {
             }),
         ),
         (
-            "format version 2",
-            "format version 2",
+            "format version 3",
+            "format version 3",
             Box::new(|d| {
                 let mut s = std::fs::read(d.join("state")).unwrap();
-                s[8] = 2;
+                s[8] = 3;
                 std::fs::write(d.join("state"), s).unwrap();
             }),
         ),

@@ -26,6 +26,7 @@ fn vm(host: &Arc<Host>, disk: &std::path::Path, cmds: &str, out: &Buffer) -> Vm 
             block_size: 512,
         }],
         nets: Vec::new(),
+        pit: false,
     };
     let console = Console {
         output: Box::new(out.clone()),

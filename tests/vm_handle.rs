@@ -42,6 +42,7 @@ fn start(cmds: &str, vcpus: u8, with_input: bool) -> Running {
         cmdline: format!("console=ttyS0 probe={cmds}"),
         disks: Vec::new(),
         nets: Vec::new(),
+        pit: false,
     };
     let mut vm = Vm::new(
         host,

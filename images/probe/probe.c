@@ -966,6 +966,31 @@ static void cmd_count_n(const char *args, u32 len)
 	count_lines(n);
 }
 
+/* Channel 0 of an i8254 PIT counts down at 1.193 MHz once programmed: two latched reads a
+ * little apart differ. Without a PIT nothing answers the ports and both reads are the same. */
+static u16 pit_read0(void)
+{
+	outb(0x43, 0x00); /* latch channel 0 */
+	u16 lo = inb(0x40);
+	return (u16)(lo | (u16)inb(0x40) << 8);
+}
+
+static void cmd_pit(void)
+{
+	outb(0x43, 0x34); /* channel 0, low then high byte, mode 2 */
+	outb(0x40, 0xff);
+	outb(0x40, 0xff);
+	u16 a = pit_read0();
+	wait_until(0, 0, 2000000, 200000);
+	u16 b = pit_read0();
+	line_begin();
+	ps(a != b ? "PROBE-OK pit present " : "PROBE-OK pit absent ");
+	phex(a);
+	ps(" ");
+	phex(b);
+	line_end();
+}
+
 static void cmd_hlt(void)
 {
 	say("PROBE-OK hlt");
@@ -1011,6 +1036,7 @@ static const struct command {
 	{ "note", cmd_note },
 	{ "recall", cmd_recall },
 	{ "hlt", cmd_hlt },
+	{ "pit", cmd_pit },
 	{ "count", cmd_count },
 	{ "internal-error", cmd_internal_error },
 	{ "virtio", cmd_virtio },

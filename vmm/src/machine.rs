@@ -108,7 +108,7 @@ impl Machine {
                     .map_err(|e| {
                     VmError::Build(format!("cannot allocate guest memory: {e}"))
                 })?;
-                (create_vm(host)?, mem, None)
+                (create_vm(host, config.pit)?, mem, None)
             }
         };
         let saved = snapshot.as_deref().map(|s| &s.state);
@@ -278,8 +278,9 @@ pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Vm
     Ok(())
 }
 
-/// A KVM VM with the TSS, the in-kernel irqchip and PIT, and Kiln's interrupt routes.
-pub(crate) fn create_vm(host: &Host) -> Result<VmFd, VmError> {
+/// A KVM VM with the TSS, the in-kernel irqchip, Kiln's interrupt routes, and with `pit` the
+/// in-kernel PIT.
+pub(crate) fn create_vm(host: &Host, pit: bool) -> Result<VmFd, VmError> {
     let vm = loop {
         match host.kvm.create_vm() {
             Err(e) if e.errno() == libc::EINTR => continue,
@@ -293,11 +294,13 @@ pub(crate) fn create_vm(host: &Host) -> Result<VmFd, VmError> {
         .map_err(|e| VmError::Build(format!("GSI routing: {e:?}")))?;
     vm.set_gsi_routing(&routes)
         .map_err(build_err("GSI routing"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(build_err("PIT"))?;
+    if pit {
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(build_err("PIT"))?;
+    }
     Ok(vm)
 }
 

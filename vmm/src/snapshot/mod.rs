@@ -1,6 +1,6 @@
 //! Snapshots of a whole VM, and restoring a VM from one.
 //!
-//! # The snapshot directory (format version 1)
+//! # The snapshot directory (format version 2)
 //!
 //! | file | holds |
 //! |---|---|
@@ -13,7 +13,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KILNSNAP` |
-//! | 8 | 4 | format version (1) |
+//! | 8 | 4 | format version (2) |
 //! | 12 | 2 | length `n` of the Kiln version string (at most 64) |
 //! | 14 | n | the Kiln version that wrote it (`CARGO_PKG_VERSION`) |
 //! | 14+n | 8 | body length |
@@ -25,8 +25,8 @@
 //! structure is a byte string of exactly its size):
 //! the configuration (vCPU count u8, memory u64, kernel: 0 + path or 1 + image bytes,
 //! optional initrd path, command line, disks: path, read-only, serial, backing directories,
-//! block size; NICs: TAP name, 6-byte MAC); the RAM regions (start, length); the disk copies
-//! (file name, format name); `kvm_pit_state2`, `kvm_clock_data`, the PIC master, PIC slave and
+//! block size; NICs: TAP name, 6-byte MAC; whether it has a PIT); the RAM regions (start, length); the disk copies
+//! (file name, format name); the optional `kvm_pit_state2` (present exactly when the configuration has a PIT), `kvm_clock_data`, the PIC master, PIC slave and
 //! IOAPIC `kvm_irqchip`s; per vCPU: CPUID entries, MSRs (every MSR of KVM's save list the vCPU
 //! has), `kvm_regs`, `kvm_sregs`, `kvm_xsave`, optional `kvm_xcrs`, `kvm_debugregs`,
 //! `kvm_lapic_state`, `kvm_mp_state`, `kvm_vcpu_events`, optional TSC kHz; the UART registers
@@ -38,7 +38,7 @@
 //! reset line is emulated), and device configuration space is derived from the
 //! configuration (capacity, block size, MAC).
 //!
-//! Loading checks, in order: the magic, the format version (only 1), the Kiln version (only
+//! Loading checks, in order: the magic, the format version (only 2), the Kiln version (only
 //! this build's: the layout of KVM structures and of the embedded probe guest may differ
 //! between versions), the body length, the checksum, then the body: every length against
 //! what is left and a limit, and that its parts agree (vCPU count, devices, regions). The
@@ -90,7 +90,7 @@ use state::MachineState;
 /// The magic at the start of a state file.
 const MAGIC: &[u8; 8] = b"KILNSNAP";
 /// The snapshot format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The Kiln version written into snapshots and required of them.
 pub const KILN_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The state file's name inside a snapshot directory.

@@ -18,7 +18,7 @@ pub(crate) enum Restore {
     Prepared(PreparedVm),
 }
 
-/// A VM shell made ready ahead of a restore: the KVM VM with its irqchip, PIT and interrupt
+/// A VM shell made ready ahead of a restore: the KVM VM with its irqchip, PIT (if it had one) and interrupt
 /// routes, and guest memory mapped copy-on-write from the snapshot and registered with KVM.
 /// Registering memory is the slow part of a restore (KVM waits for a memory-slot update that
 /// takes milliseconds on some hosts); a host that keeps one of these per snapshot it serves
@@ -33,7 +33,7 @@ impl PreparedVm {
     /// Builds the shell for restoring `snapshot`.
     pub fn new(host: &Host, snapshot: Arc<Snapshot>) -> Result<Self, VmError> {
         let mem = memory::map(&snapshot.memory, &snapshot.state.regions)?;
-        let vm = create_vm(host)?;
+        let vm = create_vm(host, snapshot.state.config.pit)?;
         register_memory(&vm, &mem)?;
         Ok(Self { vm, mem, snapshot })
     }
@@ -53,7 +53,9 @@ pub(crate) fn restore_vm_state(vm: &VmFd, s: &KvmVmState) -> Result<(), VmError>
     let err = |what: &'static str| {
         move |e: kvm_ioctls::Error| VmError::Build(format!("{what} from the snapshot: {e}"))
     };
-    vm.set_pit2(&s.pit).map_err(err("PIT"))?;
+    if let Some(pit) = &s.pit {
+        vm.set_pit2(pit).map_err(err("PIT"))?;
+    }
     vm.set_irqchip(&s.pic_master).map_err(err("PIC master"))?;
     vm.set_irqchip(&s.pic_slave).map_err(err("PIC slave"))?;
     vm.set_irqchip(&s.ioapic).map_err(err("IOAPIC"))?;

@@ -20,10 +20,10 @@ const MAX_REGIONS: usize = 8;
 /// Most queues a virtio device may have.
 const MAX_QUEUES: usize = 16;
 
-/// KVM's VM-wide state: the in-kernel PIT, irqchips and kvmclock.
+/// KVM's VM-wide state: the in-kernel PIT (when the VM has one), irqchips and kvmclock.
 #[derive(Clone)]
 pub(crate) struct KvmVmState {
-    pub pit: kvm_pit_state2,
+    pub pit: Option<kvm_pit_state2>,
     pub clock: kvm_clock_data,
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
@@ -94,6 +94,7 @@ fn put_config(e: &mut Encoder, c: &VmConfig) {
         e.str(&n.tap);
         e.0.extend_from_slice(&n.mac.octets());
     });
+    e.bool(c.pit);
 }
 
 fn get_config(d: &mut Decoder) -> Decoded<VmConfig> {
@@ -127,6 +128,7 @@ fn get_config(d: &mut Decoder) -> Decoded<VmConfig> {
             .ok_or_else(|| DecodeError("a multicast MAC cannot be a NIC's".into()))?;
         Ok(NetConfig { tap, mac })
     })?;
+    let pit = d.bool("PIT flag")?;
     Ok(VmConfig {
         vcpus,
         memory,
@@ -135,6 +137,7 @@ fn get_config(d: &mut Decoder) -> Decoded<VmConfig> {
         cmdline,
         disks,
         nets,
+        pit,
     })
 }
 
@@ -275,7 +278,7 @@ impl MachineState {
             e.str(&d.file);
             e.str(d.format.name());
         });
-        e.pod(&self.vm.pit);
+        e.option(self.vm.pit.as_ref(), |e, p| e.pod(p));
         e.pod(&self.vm.clock);
         e.pod(&self.vm.pic_master);
         e.pod(&self.vm.pic_slave);
@@ -312,7 +315,7 @@ impl MachineState {
             Ok(DiskCopy { file, format })
         })?;
         let vm = KvmVmState {
-            pit: d.pod("PIT")?,
+            pit: d.option("PIT", |d| d.pod("PIT"))?,
             clock: d.pod("kvmclock")?,
             pic_master: d.pod("PIC master")?,
             pic_slave: d.pod("PIC slave")?,
@@ -342,6 +345,9 @@ impl MachineState {
         }
         if vcpus.len() != usize::from(config.vcpus) || vcpus.is_empty() {
             return Err(bad("the vCPU states do not match the vCPU count"));
+        }
+        if vm.pit.is_some() != config.pit {
+            return Err(bad("the PIT state does not match the configuration"));
         }
         if disks.len() != config.disks.len() {
             return Err(bad("the disk copies do not match the disks"));

@@ -60,7 +60,7 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> SnapshotError {
     move |e| SnapshotError::Vm(format!("{what}: {e}"))
 }
 
-fn vm_state(parts: &Parts) -> Result<KvmVmState, SnapshotError> {
+fn vm_state(parts: &Parts, pit: bool) -> Result<KvmVmState, SnapshotError> {
     let chip = |id| -> Result<kvm_irqchip, SnapshotError> {
         let mut c = kvm_irqchip {
             chip_id: id,
@@ -73,7 +73,9 @@ fn vm_state(parts: &Parts) -> Result<KvmVmState, SnapshotError> {
         Ok(c)
     };
     Ok(KvmVmState {
-        pit: parts.vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+        pit: pit
+            .then(|| parts.vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2")))
+            .transpose()?,
         clock: parts.vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
         pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
         pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
@@ -129,7 +131,7 @@ impl VmHandle {
         let mut guards: Vec<MutexGuard<'_, dyn VirtioDevice>> =
             parts.devices.iter().map(|d| lock(d)).collect();
         let vcpus = self.vcpu_states(PAUSE_TIMEOUT).map_err(SnapshotError::Vm)?;
-        let vm = vm_state(parts)?;
+        let vm = vm_state(parts, config.pit)?;
         let virtio = parts
             .transports
             .iter()
