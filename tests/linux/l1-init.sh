@@ -24,6 +24,8 @@ else
     echo "KILN-L1 no /dev/kvm: $(dmesg | grep -iE 'kvm|svm' | tail -n 3)"
 fi
 ip link set lo up
+# A heartbeat for the runner: an L1 that stops printing it is hung (run.sh restarts it).
+(while :; do sleep 20; echo "KILN-L1-ALIVE $(cut -d' ' -f1 /proc/uptime)"; done) &
 
 KILN_L3_NESTED=1 KILN_L3_LOG_SINK=/dev/ttyS1 KILN=/bin/kiln GUESTS=/payload WORK=/tmp/work \
     LOGS=/tmp/logs sh /scenarios.sh $(echo "${kiln_scenarios:-}" | tr ',' ' ')

@@ -65,12 +65,15 @@ declare -A died=() deaths=()
 : > "$DIR/l1-console.txt"
 : > "$DIR/l1-logs.txt"
 # The emulated host is not flawless: QEMU's nested SVM has crashed or hung L1 itself under
-# Kiln's reboot loops (a kernel oops in L1's KVM_RUN path; a TCG vCPU spinning). Kiln cannot
+# Kiln's reboot loops (a kernel oops in L1's KVM_RUN path: QEMU delivers a reschedule IPI
+# right after a #VMEXIT although GIF is clear; a TCG vCPU spinning). Kiln cannot
 # cause either (it is a user process of L1), so when L1 dies or stops making progress in the
 # middle of a scenario, that scenario runs again in a fresh L1, up to twice, and the run says
 # so. A scenario whose L1 dies three times fails.
 stall=$(( KILN_L3_TIMEOUT * 4 ))
-progress='^KILN-(SCENARIO |SCENARIO-START|L1)'
+# L1 prints a heartbeat every 20 s (l1-init.sh): three minutes without one is a hung L1.
+heartbeat=180
+progress='^KILN-(SCENARIO |SCENARIO-START|L1-READY|L1-DONE|L1 )'
 l1_broken='(BUG: .*|Oops.*|Kernel panic.*|watchdog: BUG: soft lockup.*|rcu: INFO: rcu_preempt self-detected stall.*)'
 deadline=$(( SECONDS + ${KILN_L3_QEMU_TIMEOUT:-2400} ))
 attempt=0
@@ -89,7 +92,7 @@ while [ ${#remaining[@]} -gt 0 ]; do
         -serial "file:$con" -serial "file:$DIR/l1-logs.$attempt.txt" \
         -append "console=ttyS0 panic=-1 tsc=reliable quiet kiln_scenarios=$list" </dev/null &
     qemu=$!
-    seen=0 last=$SECONDS hung=
+    seen=0 last=$SECONDS alive=$SECONDS beats=0 hung=
     while kill -0 "$qemu" 2>/dev/null; do
         sleep 2
         n=$(tr -d '\r' < "$con" | grep -caE "$progress" || true)
@@ -98,10 +101,19 @@ while [ ${#remaining[@]} -gt 0 ]; do
             seen=$n
             last=$SECONDS
         fi
+        b=$(tr -d '\r' < "$con" | grep -caE '^KILN-L1-ALIVE' || true)
+        if [ "$b" -gt "$beats" ]; then
+            beats=$b
+            alive=$SECONDS
+        fi
         # L1's own kernel saying it is broken ends it at once: an oops, or a CPU stuck in
         # L2 (a soft lockup: QEMU stopped delivering L1's interrupts while L2 ran).
         if sick=$(tr -d '\r' < "$con" | grep -aoE "$l1_broken" | head -n 1) && [ -n "$sick" ]; then
             hung="L1: $sick"
+            echo "KILN-L1 $hung: stopping it"
+            kill -9 "$qemu" 2>/dev/null || true
+        elif [ $((SECONDS - alive)) -gt "$heartbeat" ]; then
+            hung="L1 hung: no heartbeat for $((SECONDS - alive)) s"
             echo "KILN-L1 $hung: stopping it"
             kill -9 "$qemu" 2>/dev/null || true
         elif [ $((SECONDS - last)) -gt "$stall" ] || [ "$SECONDS" -gt "$deadline" ]; then
