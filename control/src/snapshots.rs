@@ -654,10 +654,10 @@ impl Manager {
         })?;
         // The VM reports its boot (its vCPUs running with the saved state) from its thread.
         let built = start.elapsed();
-        let limit = Instant::now() + Duration::from_secs(1);
-        while slot.state() == InstanceState::Starting && Instant::now() < limit {
-            std::thread::yield_now();
-        }
+        // Called on the blocking pool (never on a runtime thread), so it may wait on the
+        // state's watch here.
+        self.runtime
+            .block_on(slot.wait_while(Duration::from_secs(1), |s| s == InstanceState::Starting));
         tracing::info!(
             "instance {name} restored from snapshot {} ({}): VM built in {} us, running after {} us",
             def.name,
