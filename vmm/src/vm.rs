@@ -603,9 +603,10 @@ impl Vm {
             self.notify(VmEvent::Booted { boot });
             let booted_at = std::time::Instant::now();
             let outcome = control.wait();
-            machine.stop();
+            let parts = machine.stop();
             *lock(&self.shared.current) = None;
             control.release_devices();
+            Parts::tear_down(parts);
             let _ = self.persistent.output.flush();
             match outcome {
                 Outcome::PowerOff => return Ok(Exit::PowerOff),
