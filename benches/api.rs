@@ -4,6 +4,12 @@
 //!     cargo bench --bench api -- [--requests N] [--runs N] [--vms N]
 //!     cargo bench --bench api -- --sandbox-compare [--runs N]
 //!
+//!     cargo bench --bench api -- --idle N
+//!
+//! `--idle N` measures only what idle guests cost the daemon: N probe guests (1 vCPU, 128 MiB,
+//! `probe=hlt`) started one after the other in one fresh `kiln serve`, then its RSS, PSS,
+//! threads and open fds against the empty daemon, per guest; and the time to delete them all.
+//!
 //! `--sandbox-compare` measures only what the sandbox (seccomp per thread, Landlock) costs a
 //! VM: start → banner (median of `--runs`) and RSS per idle guest (10 guests), with the
 //! sandbox and with `--no-sandbox`, each on a fresh server.
@@ -240,6 +246,10 @@ fn sandbox_compare(runs: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if common::has(&args, "--idle") {
+        idle(arg(&args, "--idle", 1000usize).max(1));
+        return;
+    }
     if common::has(&args, "--sandbox-compare") {
         sandbox_compare(arg(&args, "--runs", 20usize).max(1));
         return;
@@ -398,4 +408,93 @@ fn main() {
         );
     });
     drop(serve);
+}
+
+/// RSS and PSS (KiB), threads and open fds of a process.
+fn footprint(pid: u32) -> (u64, u64, u64, u64) {
+    let field = |file: &str, name: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+    (
+        field("status", "VmRSS:"),
+        field("smaps_rollup", "Pss:"),
+        field("status", "Threads:"),
+        fds,
+    )
+}
+
+/// `--idle N`: the daemon's footprint with N idle guests.
+fn idle(n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), Stdio::null());
+    let pid = serve.pid();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = Conn::open(&serve.socket).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let empty = footprint(pid);
+        let t = Instant::now();
+        for i in 0..n {
+            let name = format!("idle-{i}");
+            c.json(
+                Method::POST,
+                "/v1/instances",
+                Some(&probe_instance(&name, "hlt", true)),
+            )
+            .await;
+            wait_console(&mut c, &name, "PROBE-OK hlt", 1).await;
+        }
+        let started = t.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let full = footprint(pid);
+        let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / n as f64;
+        println!(
+            "{n} idle guests started one after the other in {:.1} s ({:.0}/s)",
+            started.as_secs_f64(),
+            n as f64 / started.as_secs_f64()
+        );
+        println!(
+            "kiln serve empty: RSS {:.1} MiB, PSS {:.1} MiB, {} threads, {} fds",
+            empty.0 as f64 / 1024.0,
+            empty.1 as f64 / 1024.0,
+            empty.2,
+            empty.3
+        );
+        println!(
+            "with {n} idle guests: RSS {:.1} MiB, PSS {:.1} MiB, {} threads, {} fds",
+            full.0 as f64 / 1024.0,
+            full.1 as f64 / 1024.0,
+            full.2,
+            full.3
+        );
+        println!(
+            "per idle guest: RSS {:.3} MiB, PSS {:.3} MiB, {:.2} threads, {:.2} fds",
+            per(empty.0, full.0) / 1024.0,
+            per(empty.1, full.1) / 1024.0,
+            per(empty.2, full.2),
+            per(empty.3, full.3)
+        );
+        let t = Instant::now();
+        for i in 0..n {
+            c.json(
+                Method::DELETE,
+                &format!("/v1/instances/idle-{i}?force=true"),
+                None,
+            )
+            .await;
+        }
+        println!(
+            "deleted (forced) one after the other in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    });
 }

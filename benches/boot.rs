@@ -1,7 +1,11 @@
-//! Boot benchmark: process start → probe-guest banner and → process exit, and peak RSS, for
-//! `kiln run` and for QEMU microvm booting the same probe guest, interleaved, N runs each.
+//! Boot benchmark: process start → probe-guest banner and → process exit, the teardown (last
+//! guest output → exit) and peak RSS, for `kiln run` (without and with a PIT) and for QEMU
+//! microvm booting the same probe guest, interleaved, N runs each.
 //!
-//!     cargo bench --bench boot -- [--runs N] [--no-qemu]
+//!     cargo bench --bench boot -- [--runs N] [--no-qemu] [--kiln-dist PATH]
+//!
+//! `--kiln-dist PATH` adds another kiln binary (the shipped build: `cargo build --profile
+//! dist`) beside the one cargo built for the bench.
 //!
 //! Kiln runs the embedded probe guest, which powers off. QEMU (`-M microvm,acpi=off`, as
 //! GUESTS.md's reference configuration) has neither ACPI power-off nor an i8042 there, so its
@@ -19,6 +23,8 @@ const BANNER: &[u8] = common::BANNER.as_bytes();
 
 struct Sample {
     banner: Duration,
+    /// When the guest's last output arrived.
+    last_output: Duration,
     exit: Duration,
     max_rss_kib: i64,
     status: i32,
@@ -37,11 +43,13 @@ fn one_run(cmd: &[String]) -> Sample {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let mut banner = None;
+    let mut last_output = Duration::ZERO;
     loop {
         let n = out.read(&mut chunk).unwrap_or(0);
         if n == 0 {
             break;
         }
+        last_output = start.elapsed();
         buf.extend_from_slice(&chunk[..n]);
         if banner.is_none() && buf.windows(BANNER.len()).any(|w| w == BANNER) {
             banner = Some(start.elapsed());
@@ -65,6 +73,7 @@ fn one_run(cmd: &[String]) -> Sample {
     });
     Sample {
         banner,
+        last_output,
         exit,
         max_rss_kib: usage.ru_maxrss,
         status: libc::WEXITSTATUS(status),
@@ -85,10 +94,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let runs = arg(&args, "--runs", 20usize);
     let with_qemu = !has(&args, "--no-qemu");
-    let mut subjects = vec![(
-        "kiln",
-        strings(&[
-            env!("CARGO_BIN_EXE_kiln"),
+    let dist = Some(arg(&args, "--kiln-dist", String::new())).filter(|d| !d.is_empty());
+    let kiln = |bin: &str, extra: &[&str]| {
+        let mut a = vec![
+            bin,
             "run",
             "--cpus",
             "1",
@@ -96,8 +105,17 @@ fn main() {
             "256MiB",
             "--cmdline",
             "console=ttyS0 probe=poweroff",
-        ]),
-    )];
+        ];
+        a.extend_from_slice(extra);
+        strings(&a)
+    };
+    let mut subjects = vec![
+        ("kiln", kiln(env!("CARGO_BIN_EXE_kiln"), &[])),
+        ("kiln --pit", kiln(env!("CARGO_BIN_EXE_kiln"), &["--pit"])),
+    ];
+    if let Some(d) = &dist {
+        subjects.push(("kiln dist", kiln(d, &[])));
+    }
     if with_qemu {
         subjects.push((
             "qemu-microvm",
@@ -121,8 +139,8 @@ fn main() {
         }
     }
     println!(
-        "{:14} {:>4} {:>10} {:>9} {:>13}  exit status",
-        "subject", "runs", "banner ms", "exit ms", "peak RSS MiB"
+        "{:14} {:>4} {:>10} {:>9} {:>12} {:>13}  exit status",
+        "subject", "runs", "banner ms", "exit ms", "teardown ms", "peak RSS MiB"
     );
     for ((name, _), rs) in subjects.iter().zip(results) {
         let ms = |f: &dyn Fn(&Sample) -> Duration| {
@@ -133,11 +151,12 @@ fn main() {
         codes.sort();
         codes.dedup();
         println!(
-            "{:14} {:>4} {:>10.1} {:>9.1} {:>13.1}  {:?}",
+            "{:14} {:>4} {:>10.1} {:>9.1} {:>12.1} {:>13.2}  {:?}",
             name,
             rs.len(),
             ms(&|r| r.banner),
             ms(&|r| r.exit),
+            ms(&|r| r.exit - r.last_output),
             rss,
             codes
         );
