@@ -137,13 +137,20 @@ impl Machine {
             prepare()?
         } else {
             // Registering memory waits for the host (an SRCU grace period, milliseconds on
-            // some hosts): do it while the guest image, devices and vCPUs are prepared.
+            // some hosts) and is the longer of the two: it starts at once on this thread
+            // while a helper prepares the guest image, devices and vCPUs (a new thread can
+            // take a while to be scheduled; only the shorter job may wait for that).
             let (prepared, slots) = std::thread::scope(|s| {
-                let slots = s.spawn(|| register_memory(&vm, &mem));
-                let prepared = prepare();
-                let slots = slots
+                let prepared = s.spawn(prepare);
+                let t = std::time::Instant::now();
+                let slots = register_memory(&vm, &mem);
+                tracing::debug!(
+                    us = t.elapsed().as_micros() as u64,
+                    "guest memory registered"
+                );
+                let prepared = prepared
                     .join()
-                    .unwrap_or_else(|_| Err(VmError::Build("memory registration panicked".into())));
+                    .unwrap_or_else(|_| Err(VmError::Build("VM preparation panicked".into())));
                 (prepared, slots)
             });
             slots?;
