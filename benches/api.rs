@@ -1,7 +1,7 @@
 //! API benchmark: a real `kiln serve` (the built binary) on a temporary state directory, driven
 //! over its Unix socket by the client crate (kept-alive HTTP/1 connections).
 //!
-//!     cargo bench --bench api -- [--requests N] [--runs N] [--vms N]
+//!     cargo bench --bench api -- [--requests N] [--runs N] [--vms N] [--vm-pool N]
 //!     cargo bench --bench api -- --sandbox-compare [--runs N]
 //!
 //!     cargo bench --bench api -- --idle N
@@ -22,6 +22,8 @@
 //!    (`probe=hlt`), and the overhead per extra guest.
 //! 4. `--vms` (50) instances in a row created with `"start": true`, each until its banner is in
 //!    `GET …/console`: instances per second; then they are deleted (`?force=true`).
+//!
+//! `--vm-pool N` runs the server with `--vm-pool N` (VMs built ahead of starts).
 //!
 //! Figures only: nothing here asserts a time.
 
@@ -262,8 +264,9 @@ fn main() {
         .write(true)
         .open("/dev/kvm")
         .expect("the API benchmark boots guests and needs /dev/kvm");
+    let pool = arg(&args, "--vm-pool", 0usize).to_string();
     let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), Stdio::inherit());
+    let serve = Serve::start_with(dir.path(), Stdio::inherit(), &["--vm-pool", &pool]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

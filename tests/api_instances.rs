@@ -255,3 +255,84 @@ fn websocket_console_types_into_the_guest_and_reads_the_answer() {
         "stopped"
     );
 }
+
+/// `kiln_vm_pool_ready` of `GET /metrics`.
+fn pool_ready(s: &Server) -> u64 {
+    let (st, _, text) = s.call(Method::GET, "/metrics", "");
+    assert_eq!(st, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("kiln_vm_pool_ready "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no kiln_vm_pool_ready in {text}"))
+}
+
+fn pool_becomes(s: &Server, n: u64) -> bool {
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if pool_ready(s) == n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn instances_boot_in_vms_built_ahead_and_the_pool_follows_their_memory_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--vm-pool", "2"]);
+    assert!(
+        pool_becomes(&s, 2),
+        "the pool never filled: {}",
+        pool_ready(&s)
+    );
+    // 256 MiB shells first; a 128 MiB instance builds its own VM, then the pool follows it;
+    // whichever VM a guest boots in, its memory map is that of its own size (the RAM above
+    // 1 MiB ends at its size).
+    let sizes = [
+        (128, "0x7f00000"),
+        (128, "0x7f00000"),
+        (256, "0xff00000"),
+        (256, "0xff00000"),
+        (128, "0x7f00000"),
+    ];
+    for (i, (mib, above_1m)) in sizes.into_iter().enumerate() {
+        let memory = format!("{mib}MiB");
+        let name = format!("pooled-{i}");
+        let body = json!({"name": name, "vcpus": 1, "memory": memory, "start": true,
+            "boot": {"kernel": "kiln-probe", "cmdline": "console=ttyS0 probe=e820,cpus,hlt"}});
+        let (st, v) = s.json(Method::POST, "/v1/instances", body);
+        assert_eq!(st, 201, "{v}");
+        assert!(
+            s.wait_console(&name, "PROBE-OK hlt", 1),
+            "{}",
+            s.console(&name)
+        );
+        let console = s.console(&name);
+        assert!(console.contains("PROBE-OK cpus 1"), "{console}");
+        assert!(
+            console.contains(&format!("PROBE-E820 base=0x100000 size={above_1m} type=1")),
+            "{console}"
+        );
+        if i == 0 {
+            assert!(
+                pool_becomes(&s, 2),
+                "the pool did not refill: {}",
+                pool_ready(&s)
+            );
+        }
+    }
+    assert!(
+        pool_becomes(&s, 2),
+        "the pool did not refill: {}",
+        pool_ready(&s)
+    );
+    for i in 0..sizes.len() {
+        let (st, v) = s.json(
+            Method::DELETE,
+            &format!("/v1/instances/pooled-{i}?force=true"),
+            Value::Null,
+        );
+        assert_eq!(st, 204, "{v}");
+    }
+}

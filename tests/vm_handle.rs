@@ -168,3 +168,45 @@ fn pauses_racing_resets_and_a_stop_never_hang() {
     assert_eq!(r.thread.join().unwrap().unwrap(), Exit::Stopped);
     assert!(r.handle.boots() > 1, "the resets re-booted the guest");
 }
+
+#[test]
+fn a_vm_boots_in_a_shell_of_its_size_and_refuses_others() {
+    common::require_kvm();
+    let host = Arc::new(Host::open().unwrap());
+    let config = |memory: u64, pit: bool| VmConfig {
+        vcpus: 1,
+        memory,
+        kernel: KernelImage::Bytes(Arc::from(PROBE)),
+        initrd: None,
+        cmdline: "console=ttyS0 probe=e820,poweroff".into(),
+        disks: Vec::new(),
+        nets: Vec::new(),
+        pit,
+    };
+    let console = |out: &Buffer| Console {
+        output: Box::new(out.clone()),
+        input: None,
+    };
+    let shell = vmm::VmShell::new(&host, 64 << 20).unwrap();
+    assert_eq!(shell.memory(), 64 << 20);
+    // Another size, or a PIT (shells have none): the shell comes back.
+    let out = Buffer::default();
+    let mut other = Vm::new(host.clone(), config(32 << 20, false), console(&out)).unwrap();
+    let shell = other
+        .use_shell(shell)
+        .expect_err("a 64 MiB shell for a 32 MiB VM");
+    let mut with_pit = Vm::new(host.clone(), config(64 << 20, true), console(&out)).unwrap();
+    let shell = with_pit
+        .use_shell(shell)
+        .expect_err("a shell for a VM with a PIT");
+    // Its own size: the guest boots in it and sees its memory.
+    let mut vm = Vm::new(host, config(64 << 20, false), console(&out)).unwrap();
+    assert!(vm.use_shell(shell).is_ok());
+    assert!(matches!(vm.run(), Ok(Exit::PowerOff)), "{}", out.text());
+    let text = out.text();
+    assert!(text.contains("PROBE-OK poweroff"), "{text}");
+    assert!(
+        text.contains("PROBE-E820 base=0x100000 size=0x3f00000 type=1"),
+        "{text}"
+    );
+}

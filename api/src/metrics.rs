@@ -199,6 +199,15 @@ impl Collector for VmmCollector {
             ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
         }
 
+        let encoder_family = encoder.encode_descriptor(
+            "vm_pool_ready",
+            "VMs built ahead of starts and ready now (kiln serve --vm-pool).",
+            None,
+            MetricType::Gauge,
+        )?;
+        let ready = manager.as_ref().map_or(0, |m| m.vm_shells_ready());
+        ConstGauge::new(ready as i64).encode(encoder_family)?;
+
         let mut family = encoder.encode_descriptor(
             "console_bytes",
             "Serial console output bytes by instance (since the instance was created or loaded).",

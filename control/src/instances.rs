@@ -647,7 +647,10 @@ impl Manager {
         };
         match restore {
             Some(snapshot) => self.launch_restored(slot, snapshot, config, &name),
-            None => slot.launch(self.host.clone(), config, &name),
+            None => {
+                let shell = self.shells.take(&self.host, &config);
+                slot.launch(self.host.clone(), config, shell, &name)
+            }
         }
     }
 

@@ -30,6 +30,7 @@ pub mod lifecycle;
 mod model;
 pub mod operations;
 mod runtime;
+mod shells;
 mod snapshots;
 mod spec;
 mod store;
@@ -86,6 +87,8 @@ pub struct Manager {
     runtime: tokio::runtime::Handle,
     /// Instance snapshots.
     snapshots: snapshots::Snapshots,
+    /// VM shells built ahead of starts (none unless asked for).
+    shells: Arc<shells::ShellPool>,
 }
 
 impl Manager {
@@ -185,8 +188,20 @@ impl Manager {
             operations: Arc::default(),
             runtime,
             snapshots,
+            shells: Arc::default(),
         });
         Ok(m)
+    }
+
+    /// Keeps `n` VM shells ready (built in the background) so that an instance's start does
+    /// not wait for KVM to register its memory; 0 keeps none.
+    pub fn keep_vm_shells(&self, n: usize) {
+        self.shells.resize(&self.host, n);
+    }
+
+    /// VM shells ready now.
+    pub fn vm_shells_ready(&self) -> usize {
+        self.shells.ready()
     }
 
     /// Starts every instance with `auto_start`.

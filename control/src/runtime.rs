@@ -202,16 +202,22 @@ impl Slot {
             .is_none_or(|t| t.is_finished())
     }
 
-    /// Builds the VM of `config` and runs it on a thread of its own, named after the
-    /// instance; returns once the thread runs. Blocks while the VM is built.
+    /// Builds the VM of `config` (first booting in `shell` when it fits) and runs it on a thread
+    /// of its own, named after the instance; returns once the thread runs. Blocks while the VM is built.
     pub fn launch(
         self: &Arc<Self>,
         host: Arc<Host>,
         config: VmConfig,
+        shell: Option<vmm::VmShell>,
         name: &str,
     ) -> Result<(), String> {
         self.launch_with(name, |console| {
-            Vm::new(host, config, console).map_err(|e| e.to_string())
+            let mut vm = Vm::new(host, config, console).map_err(|e| e.to_string())?;
+            if let Some(s) = shell {
+                // A shell that does not fit is dropped: the VM builds its own.
+                let _ = vm.use_shell(s);
+            }
+            Ok(vm)
         })
     }
 

@@ -12,12 +12,14 @@ mod event_loop;
 pub mod host;
 mod machine;
 pub mod sandbox;
+mod shell;
 pub mod snapshot;
 mod vcpu;
 pub mod vm;
 
 pub use config::{parse_size, ConfigError, DiskConfig, KernelImage, MacAddr, NetConfig, VmConfig};
 pub use host::Host;
+pub use shell::VmShell;
 pub use snapshot::{
     DiskSnapshot, DiskSnapshotReport, PreparedVm, Snapshot, SnapshotError, SnapshotReport,
 };

@@ -34,6 +34,7 @@ use crate::config::{KernelImage, VmConfig};
 use crate::cpu_state::VcpuState;
 use crate::event_loop::{ConsoleInput, EventLoop};
 use crate::host::Host;
+use crate::shell::VmShell;
 use crate::snapshot::state::MachineState;
 use crate::snapshot::{self, PreparedVm, Restore};
 use crate::vcpu::{self, Buses};
@@ -85,30 +86,34 @@ fn build_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> VmError + '_ {
 }
 
 impl Machine {
-    /// Builds the VM and starts its vCPUs: booting the kernel, or continuing the guest of
-    /// `restore`.
+    /// Builds the VM and starts its vCPUs: booting the kernel (in `shell` when given one that
+    /// fits), or continuing the guest of `restore`.
     pub fn start(
         host: &Host,
         config: &VmConfig,
         persistent: &Persistent,
         control: Arc<BootControl>,
         restore: Option<Restore>,
+        shell: Option<VmShell>,
     ) -> Result<Self, VmError> {
         install_kick_handler();
-        let (vm, mem, snapshot) = match restore {
-            Some(r) => {
+        let mut registered = true;
+        let (vm, mem, snapshot) = match (restore, shell) {
+            (Some(r), _) => {
                 let p = match r {
                     Restore::Prepared(p) => p,
                     Restore::Snapshot(s) => PreparedVm::new(host, s)?,
                 };
                 (p.vm, p.mem, Some(p.snapshot))
             }
-            None => {
-                let mem = GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(config.memory))
-                    .map_err(|e| {
-                    VmError::Build(format!("cannot allocate guest memory: {e}"))
-                })?;
-                (create_vm(host, config.pit)?, mem, None)
+            (None, Some(s)) if s.fits(config) => (s.vm, s.mem, None),
+            (None, _) => {
+                registered = false;
+                (
+                    create_vm(host, config.pit)?,
+                    guest_memory(config.memory)?,
+                    None,
+                )
             }
         };
         let saved = snapshot.as_deref().map(|s| &s.state);
@@ -132,8 +137,8 @@ impl Machine {
             tracing::debug!("guest loaded, devices and vCPUs configured");
             Ok::<_, VmError>((legacy, virtio, vcpu_fds))
         };
-        let prepared = if saved.is_some() {
-            // The memory of a restored VM was registered with its shell.
+        let prepared = if registered {
+            // The memory of a restored VM or of a shell was registered with it.
             prepare()?
         } else {
             // Registering memory waits for the host (an SRCU grace period, milliseconds on
@@ -295,6 +300,12 @@ impl Parts {
             tracing::debug!("no thread to tear the VM down on ({e}): closing it here");
         }
     }
+}
+
+/// Fresh guest RAM of `memory` bytes, laid out as Kiln's boot tables describe it.
+pub(crate) fn guest_memory(memory: u64) -> Result<GuestMemoryMmap, VmError> {
+    GuestMemoryMmap::<()>::from_ranges(&layout::ram_regions(memory))
+        .map_err(|e| VmError::Build(format!("cannot allocate guest memory: {e}")))
 }
 
 /// Tells KVM where guest RAM is.

@@ -15,6 +15,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::cpu_state::VcpuState;
 use crate::host::Host;
 use crate::machine::{Machine, Parts, Persistent};
+use crate::shell::VmShell;
 use crate::snapshot::{PreparedVm, Restore, Snapshot, SnapshotError};
 
 /// How a VM ended without failing.
@@ -454,6 +455,8 @@ pub struct Vm {
     observer: Option<VmObserver>,
     /// The snapshot the first boot continues from, instead of booting the kernel.
     restore: Option<Restore>,
+    /// Where the first boot runs, when built ahead.
+    shell: Option<VmShell>,
 }
 
 /// What a restored VM changes from the snapshot's configuration: clones get their own disks,
@@ -510,7 +513,19 @@ impl Vm {
             config,
             observer: None,
             restore: None,
+            shell: None,
         })
+    }
+
+    /// Boots the first time in `shell` (built ahead: no wait for KVM to register memory).
+    /// Gives it back when it does not fit this VM ([`VmShell::fits`]) or the VM restores a
+    /// snapshot.
+    pub fn use_shell(&mut self, shell: VmShell) -> Result<(), VmShell> {
+        if !shell.fits(&self.config) || self.restore.is_some() {
+            return Err(shell);
+        }
+        self.shell = Some(shell);
+        Ok(())
     }
 
     /// A VM whose first run continues the guest of `snapshot` where it was paused (its
@@ -591,6 +606,7 @@ impl Vm {
                 &self.persistent,
                 control.clone(),
                 self.restore.take(),
+                self.shell.take(),
             );
             let machine = match machine {
                 Ok(m) => m,
