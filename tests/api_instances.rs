@@ -256,20 +256,23 @@ fn websocket_console_types_into_the_guest_and_reads_the_answer() {
     );
 }
 
-/// `kiln_vm_pool_ready` of `GET /metrics`.
-fn pool_ready(s: &Server) -> u64 {
+/// `kiln_vm_pool_ready{memory="<bytes>"}` of `GET /metrics`: VMs ready for guests of `mib`.
+fn pool_ready(s: &Server, mib: u64) -> u64 {
     let (st, _, text) = s.call(Method::GET, "/metrics", "");
     assert_eq!(st, 200, "{text}");
+    assert!(text.contains("# TYPE kiln_vm_pool_ready gauge"), "{text}");
+    let key = format!("kiln_vm_pool_ready{{memory=\"{}\"}} ", mib << 20);
     text.lines()
-        .find_map(|l| l.strip_prefix("kiln_vm_pool_ready "))
+        .find_map(|l| l.strip_prefix(&key))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no kiln_vm_pool_ready in {text}"))
+        .unwrap_or(0)
 }
 
-fn pool_becomes(s: &Server, n: u64) -> bool {
+/// Waits until exactly `n` VMs for `mib` are ready.
+fn pool_becomes(s: &Server, mib: u64, n: u64) -> bool {
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
-        if pool_ready(s) == n {
+        if pool_ready(s, mib) == n {
             return true;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -282,9 +285,9 @@ fn instances_boot_in_vms_built_ahead_and_the_pool_follows_their_memory_size() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(dir.path(), &["--vm-pool", "2"]);
     assert!(
-        pool_becomes(&s, 2),
+        pool_becomes(&s, 256, 2),
         "the pool never filled: {}",
-        pool_ready(&s)
+        pool_ready(&s, 256)
     );
     // 256 MiB shells first; a 128 MiB instance builds its own VM, then the pool follows it;
     // whichever VM a guest boots in, its memory map is that of its own size (the RAM above
@@ -314,19 +317,15 @@ fn instances_boot_in_vms_built_ahead_and_the_pool_follows_their_memory_size() {
             console.contains(&format!("PROBE-E820 base=0x100000 size={above_1m} type=1")),
             "{console}"
         );
-        if i == 0 {
-            assert!(
-                pool_becomes(&s, 2),
-                "the pool did not refill: {}",
-                pool_ready(&s)
-            );
-        }
+        // The pool follows the size of the last start: VMs of the other size are replaced.
+        assert!(
+            pool_becomes(&s, mib, 2),
+            "no VMs for {mib} MiB after a start: {}",
+            pool_ready(&s, mib)
+        );
+        let other = if mib == 128 { 256 } else { 128 };
+        assert!(pool_becomes(&s, other, 0), "{other} MiB VMs are kept");
     }
-    assert!(
-        pool_becomes(&s, 2),
-        "the pool did not refill: {}",
-        pool_ready(&s)
-    );
     for i in 0..sizes.len() {
         let (st, v) = s.json(
             Method::DELETE,

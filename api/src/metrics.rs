@@ -199,14 +199,20 @@ impl Collector for VmmCollector {
             ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
         }
 
-        let encoder_family = encoder.encode_descriptor(
+        let mut family = encoder.encode_descriptor(
             "vm_pool_ready",
-            "VMs built ahead of starts and ready now (kiln serve --vm-pool).",
+            "VMs built ahead of starts and ready now, by guest memory size in bytes (kiln serve --vm-pool).",
             None,
             MetricType::Gauge,
         )?;
-        let ready = manager.as_ref().map_or(0, |m| m.vm_shells_ready());
-        ConstGauge::new(ready as i64).encode(encoder_family)?;
+        for (memory, n) in manager
+            .as_ref()
+            .map(|m| m.vm_shells_ready())
+            .unwrap_or_default()
+        {
+            let labels = [("memory", memory.to_string())];
+            ConstGauge::new(n as i64).encode(family.encode_family(&labels)?)?;
+        }
 
         let mut family = encoder.encode_descriptor(
             "console_bytes",

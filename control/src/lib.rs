@@ -199,8 +199,8 @@ impl Manager {
         self.shells.resize(&self.host, n);
     }
 
-    /// VM shells ready now.
-    pub fn vm_shells_ready(&self) -> usize {
+    /// VM shells ready now, by memory size in bytes.
+    pub fn vm_shells_ready(&self) -> Vec<(u64, usize)> {
         self.shells.ready()
     }
 

@@ -74,7 +74,7 @@ stall=$(( KILN_L3_TIMEOUT * 4 ))
 # L1 prints a heartbeat every 20 s (l1-init.sh): three minutes without one is a hung L1.
 heartbeat=180
 progress='^KILN-(SCENARIO |SCENARIO-START|L1-READY|L1-DONE|L1 )'
-l1_broken='(BUG: .*|Oops.*|Kernel panic.*|watchdog: BUG: soft lockup.*|rcu: INFO: rcu_preempt self-detected stall.*)'
+l1_broken='(BUG: .*|Oops.*|Kernel panic.*|watchdog: BUG: soft lockup.*|rcu: INFO: rcu_preempt self-detected stall.*|KILN-L1-SICK .*)'
 deadline=$(( SECONDS + ${KILN_L3_QEMU_TIMEOUT:-2400} ))
 attempt=0
 while [ ${#remaining[@]} -gt 0 ]; do

@@ -21,6 +21,9 @@ if [ "${1:-}" = --list ]; then
     exit 0
 fi
 T=${KILN_L3_TIMEOUT:-300}
+# kiln run logs why a guest reset ("guest reset (triple fault): rebooting in place") at info:
+# a scenario's log then says which, should a guest reset unasked.
+export KILN_LOG=${KILN_LOG:-info}
 : "${KILN:?}" "${GUESTS:?}" "${WORK:?}" "${LOGS:?}"
 C=$GUESTS/cloud
 G=$GUESTS/generic
@@ -43,14 +46,29 @@ wait_line() {
         sleep 0.5
     done
 }
+# threads PID: each thread of a process with its state and where the kernel has it waiting
+# (a vCPU in KVM_RUN waits in kvm_vcpu_block; one stuck in Kiln on a lock, in futex_wait).
+threads() {
+    for t in /proc/"$1"/task/*; do
+        echo "thread $(cat "$t/comm" 2>/dev/null): $(cut -d' ' -f3 "$t/stat" 2>/dev/null)" \
+            "wchan=$(cat "$t/wchan" 2>/dev/null)" "$(tr '\n' ' ' < "$t/stack" 2>/dev/null | cut -c1-300)"
+    done
+}
 # kiln_run OUT ARGS...: kiln run with a time bound; the console goes to OUT; prints the status.
+# A run that outlives the bound has its threads shown before it is killed (exit 137).
 kiln_run() {
     out=$1
     shift
-    timeout -s KILL "$T" "$KILN" run "$@" </dev/null >"$out" 2>&1
+    "$KILN" run "$@" </dev/null >"$out" 2>&1 &
+    pid=$!
+    ( sleep "$T"; kill -0 "$pid" 2>/dev/null && threads "$pid" > "$out.threads" && kill -9 "$pid" ) &
+    watchdog=$!
+    wait "$pid"
     rc=$?
+    kill "$watchdog" 2>/dev/null
     echo "--- kiln run $* (exit $rc)"
     cat "$out"
+    [ -s "$out.threads" ] && { echo "--- its threads when it was killed"; cat "$out.threads"; }
     return $rc
 }
 md5() { md5sum < "$1" | cut -d' ' -f1; }
@@ -493,8 +511,16 @@ run_one() {
     if [ -n "${KILN_L3_LOG_SINK:-}" ]; then
         { echo "=== KILN-LOG $name"; cat "$log"; } >> "$KILN_L3_LOG_SINK" 2>/dev/null
     fi
+    stalled=$(grep -oE "rcu_preempt kthread timer wakeup didn't happen|watchdog: BUG: soft lockup" "$log" | head -n 1)
     if [ $rc = 0 ]; then
         echo "KILN-SCENARIO $name ok ${secs}s $(grep '^RESULT ' "$log" | tail -n 1 | cut -d' ' -f2-)"
+    elif [ -n "${KILN_L3_NESTED:-}" ] && [ -n "$stalled" ]; then
+        # A guest vCPU that stopped being run with its timer due ("$stalled" in the guest's
+        # log): the nested host's interrupt glitch (as in L1's own soft lockups), not a verdict
+        # on Kiln. L1 is reported sick; run.sh runs the scenario again in a fresh L1 (at most
+        # twice, and says so), so a Kiln bug that does this every time still fails.
+        echo "KILN-L1-SICK during $name: a guest vCPU stopped being run ($stalled); its threads: $(grep -a '^thread kiln-vcpu' "$log" | cut -c1-80 | tr '\n' ';')"
+        sleep 100000
     else
         reason=$(grep '^FAIL: ' "$log" | tail -n 1 | cut -d' ' -f2-)
         echo "KILN-SCENARIO $name fail ${reason:-exit $rc, see $name.log} (${secs}s)"
