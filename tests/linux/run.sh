@@ -133,7 +133,8 @@ while [ ${#remaining[@]} -gt 0 ]; do
     [ -n "$current" ] || die "L1 died before any scenario started (${why}); L1's console: $DIR/l1-console.txt"
     next=()
     for s in "${remaining[@]}"; do
-        tr -d '\r' < "$con" | grep -qaE "^KILN-SCENARIO $s " && continue
+        # (Not a pipe into grep -q: under pipefail, tr killed by SIGPIPE would read as no match.)
+        grep -qaE "^KILN-SCENARIO $s " <(tr -d '\r' < "$con") && continue
         next+=("$s")
     done
     deaths[$current]=$(( ${deaths[$current]:-0} + 1 ))
