@@ -309,11 +309,11 @@ mod tests {
             check_header(&other, p),
             Err(SnapshotError::NotASnapshot(_))
         ));
-        let mut v2 = good.clone();
-        v2[8] = 2;
+        let mut next = good.clone();
+        next[8] = (FORMAT_VERSION + 1) as u8;
         assert!(matches!(
-            check_header(&v2, p),
-            Err(SnapshotError::FormatVersion { found: 2, .. })
+            check_header(&next, p),
+            Err(SnapshotError::FormatVersion { found, .. }) if found == FORMAT_VERSION + 1
         ));
         let mut kiln = good.clone();
         kiln[14] = b'9';
