@@ -508,6 +508,11 @@ run_one() {
     start=$(date +%s)
     ( trap cleanup EXIT; "$fn" ) >"$log" 2>&1
     rc=$?
+    # A failed scenario that ran kiln serve keeps the end of its log (why a guest reset, what
+    # failed) beside the guest's console.
+    if [ $rc != 0 ] && [ -f "$WORK/serve.log" ]; then
+        { echo "--- kiln serve's log (last 100 lines)"; tail -n 100 "$WORK/serve.log"; } >> "$log"
+    fi
     secs=$(( $(date +%s) - start ))
     if [ -n "${KILN_L3_LOG_SINK:-}" ]; then
         { echo "=== KILN-LOG $name"; cat "$log"; } >> "$KILN_L3_LOG_SINK" 2>/dev/null
