@@ -55,7 +55,7 @@ pub(crate) struct Machine {
     events: Option<EventLoop>,
     control: Arc<BootControl>,
     // Kept alive until the vCPU threads are gone.
-    parts: Arc<Parts>,
+    _parts: Arc<Parts>,
 }
 
 /// A boot's VM, memory and devices: what the owner reaches while it runs (power button,
@@ -195,7 +195,7 @@ impl Machine {
         let machine = Machine {
             events: Some(events),
             control: control.clone(),
-            parts,
+            _parts: parts,
         };
         // The test hook of the sandbox (see `sandbox::test_forbidden_call`) runs only in VMs
         // whose command line asks for it.
@@ -241,7 +241,7 @@ impl Machine {
             match t {
                 Ok(t) => control.add_vcpu(t),
                 Err(e) => {
-                    drop(machine.stop());
+                    machine.stop();
                     return Err(VmError::Build(format!("cannot start a vCPU thread: {e}")));
                 }
             }
@@ -250,8 +250,7 @@ impl Machine {
     }
 
     /// Stops the vCPUs (kicking them out of `KVM_RUN`) and the event loop, and waits for them.
-    /// Returns the boot's parts for [`Parts::tear_down`].
-    pub fn stop(mut self) -> Arc<Parts> {
+    pub fn stop(mut self) {
         self.control.end();
         // Kick until every vCPU thread is out; a thread is taken out of the boot before it is
         // joined, so no kick (of this loop or of a pause racing it) reaches a joined thread.
@@ -267,37 +266,6 @@ impl Machine {
         }
         if let Some(e) = self.events.take() {
             e.stop();
-        }
-        self.parts.clone()
-    }
-}
-
-impl Parts {
-    /// Releases the boot's devices now (a TAP takes one owner: the next boot opens it again)
-    /// and leaves closing the KVM VM and unmapping guest memory to a thread of their own:
-    /// the kernel's teardown of a VM (its page tables, every page the guest touched) takes
-    /// milliseconds that no caller needs to wait for. Where another holder (a snapshot being
-    /// written) still has the parts, the last one drops them.
-    pub fn tear_down(parts: Arc<Self>) {
-        let Ok(parts) = Arc::try_unwrap(parts) else {
-            return;
-        };
-        let Parts {
-            vm,
-            mem,
-            serial,
-            cmos,
-            pm,
-            devices,
-            transports,
-        } = parts;
-        drop((serial, cmos, pm, devices, transports));
-        let reap = move || drop((vm, mem));
-        if let Err(e) = std::thread::Builder::new()
-            .name("kiln-reap".into())
-            .spawn(reap)
-        {
-            tracing::debug!("no thread to tear the VM down on ({e}): closing it here");
         }
     }
 }

@@ -619,10 +619,9 @@ impl Vm {
             self.notify(VmEvent::Booted { boot });
             let booted_at = std::time::Instant::now();
             let outcome = control.wait();
-            let parts = machine.stop();
+            machine.stop();
             *lock(&self.shared.current) = None;
             control.release_devices();
-            Parts::tear_down(parts);
             let _ = self.persistent.output.flush();
             match outcome {
                 Outcome::PowerOff => return Ok(Exit::PowerOff),
