@@ -74,6 +74,33 @@ fn probe_instance(name: &str, cmds: &str, start: bool) -> Value {
         "boot": {"kernel": "kiln-probe", "cmdline": format!("console=ttyS0 probe={cmds}")}})
 }
 
+/// Creates and starts `n` probe guests `{prefix}-0`… (`probe=hlt`) one after the other, each
+/// until `until` is in its console.
+async fn start_probes(c: &mut Conn, prefix: &str, n: usize, until: &str) {
+    for i in 0..n {
+        let name = format!("{prefix}-{i}");
+        c.json(
+            Method::POST,
+            "/v1/instances",
+            Some(&probe_instance(&name, "hlt", true)),
+        )
+        .await;
+        wait_console(c, &name, until, 1).await;
+    }
+}
+
+/// Deletes `{prefix}-0`… `{prefix}-{n-1}` (forced), one after the other.
+async fn delete_all(c: &mut Conn, prefix: &str, n: usize) {
+    for i in 0..n {
+        c.json(
+            Method::DELETE,
+            &format!("/v1/instances/{prefix}-{i}?force=true"),
+            None,
+        )
+        .await;
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -248,6 +275,11 @@ fn sandbox_compare(runs: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .expect("the API benchmark boots guests and needs /dev/kvm");
     if common::has(&args, "--idle") {
         idle(arg(&args, "--idle", 1000usize).max(1));
         return;
@@ -259,11 +291,6 @@ fn main() {
     let requests = arg(&args, "--requests", 5000usize);
     let runs = arg(&args, "--runs", 20usize).max(1);
     let vms = arg(&args, "--vms", 50usize).max(1);
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .expect("the API benchmark boots guests and needs /dev/kvm");
     let pool = arg(&args, "--vm-pool", 0usize).to_string();
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start_with(dir.path(), Stdio::inherit(), &["--vm-pool", &pool]);
@@ -295,38 +322,15 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(500)).await;
             rss.push((target, serve.rss_kib()));
         }
-        for i in 0..running {
-            c.json(
-                Method::DELETE,
-                &format!("/v1/instances/idle-{i}?force=true"),
-                None,
-            )
-            .await;
-        }
+        delete_all(&mut c, "idle", running).await;
 
         // 4. VMs created and started to their banner, in a row.
         let t = Instant::now();
-        for i in 0..vms {
-            let name = format!("vm-{i}");
-            c.json(
-                Method::POST,
-                "/v1/instances",
-                Some(&probe_instance(&name, "hlt", true)),
-            )
-            .await;
-            wait_console(&mut c, &name, BANNER, 1).await;
-        }
+        start_probes(&mut c, "vm", vms, BANNER).await;
         let create_wall = t.elapsed();
         let rss_many = serve.rss_kib();
         let t = Instant::now();
-        for i in 0..vms {
-            c.json(
-                Method::DELETE,
-                &format!("/v1/instances/vm-{i}?force=true"),
-                None,
-            )
-            .await;
-        }
+        delete_all(&mut c, "vm", vms).await;
         let delete_wall = t.elapsed();
 
         // 1. GET latency, on a running instance.
@@ -446,16 +450,7 @@ fn idle(n: usize) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let empty = footprint(pid);
         let t = Instant::now();
-        for i in 0..n {
-            let name = format!("idle-{i}");
-            c.json(
-                Method::POST,
-                "/v1/instances",
-                Some(&probe_instance(&name, "hlt", true)),
-            )
-            .await;
-            wait_console(&mut c, &name, "PROBE-OK hlt", 1).await;
-        }
+        start_probes(&mut c, "idle", n, "PROBE-OK hlt").await;
         let started = t.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let full = footprint(pid);
@@ -487,14 +482,7 @@ fn idle(n: usize) {
             per(empty.3, full.3)
         );
         let t = Instant::now();
-        for i in 0..n {
-            c.json(
-                Method::DELETE,
-                &format!("/v1/instances/idle-{i}?force=true"),
-                None,
-            )
-            .await;
-        }
+        delete_all(&mut c, "idle", n).await;
         println!(
             "deleted (forced) one after the other in {:.1} s",
             t.elapsed().as_secs_f64()

@@ -253,22 +253,16 @@ fn reboots_in_place_leave_no_fds_behind() {
 
 #[test]
 fn no_pit_unless_asked_for_and_it_counts_when_it_is() {
-    let r = probe("pit,poweroff", &[]);
-    assert_clean_poweroff(&r);
-    assert!(
-        r.lines()
-            .iter()
-            .any(|l| l.starts_with("PROBE-OK pit absent ")),
-        "{}",
-        r.dump()
-    );
-    let r = probe("pit,poweroff", &["--pit"]);
-    assert_clean_poweroff(&r);
-    assert!(
-        r.lines()
-            .iter()
-            .any(|l| l.starts_with("PROBE-OK pit present ")),
-        "{}",
-        r.dump()
-    );
+    for (extra, want) in [
+        (&[][..], "PROBE-OK pit absent "),
+        (&["--pit"][..], "PROBE-OK pit present "),
+    ] {
+        let r = probe("pit,poweroff", extra);
+        assert_clean_poweroff(&r);
+        assert!(
+            r.lines().iter().any(|l| l.starts_with(want)),
+            "{}",
+            r.dump()
+        );
+    }
 }
