@@ -289,6 +289,17 @@ fn instances_boot_in_vms_built_ahead_and_the_pool_follows_their_memory_size() {
         "the pool never filled: {}",
         pool_ready(&s, 256)
     );
+    // Fds and threads of the daemon with a full pool: where churn must leave them.
+    let pid = s.child.id();
+    let footprint = || {
+        let count = |what: &str| {
+            std::fs::read_dir(format!("/proc/{pid}/{what}"))
+                .unwrap()
+                .count()
+        };
+        (count("fd"), count("task"))
+    };
+    let before = footprint();
     // 256 MiB shells first; a 128 MiB instance builds its own VM, then the pool follows it;
     // whichever VM a guest boots in, its memory map is that of its own size (the RAM above
     // 1 MiB ends at its size).
@@ -334,4 +345,17 @@ fn instances_boot_in_vms_built_ahead_and_the_pool_follows_their_memory_size() {
         );
         assert_eq!(st, 204, "{v}");
     }
+    // The pool is back to 2 VMs of the last size (128 MiB, as at the start's 256 MiB), its
+    // builder threads have ended and no VM of a deleted instance is left.
+    assert!(pool_becomes(&s, 128, 2));
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut after = footprint();
+    while after != before && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+        after = footprint();
+    }
+    assert_eq!(
+        after, before,
+        "(fds, threads) with a full pool, before and after the churn"
+    );
 }
