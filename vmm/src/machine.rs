@@ -97,7 +97,6 @@ impl Machine {
         shell: Option<VmShell>,
     ) -> Result<Self, VmError> {
         install_kick_handler();
-        let mut registered = true;
         let (vm, mem, snapshot) = match (restore, shell) {
             (Some(r), _) => {
                 let p = match r {
@@ -108,59 +107,29 @@ impl Machine {
             }
             (None, Some(s)) if s.fits(config) => (s.vm, s.mem, None),
             (None, _) => {
-                registered = false;
-                (
-                    create_vm(host, config.pit)?,
-                    guest_memory(config.memory)?,
-                    None,
-                )
+                let mem = guest_memory(config.memory)?;
+                (create_vm(host, config.pit, &mem)?, mem, None)
             }
         };
         let saved = snapshot.as_deref().map(|s| &s.state);
-        let prepare = || {
-            let entry = match saved {
-                Some(_) => None,
-                None => Some(load_guest(&mem, config)?.entry),
-            };
-            let requests: RequestSink = control.clone();
-            let legacy = legacy_devices(&vm, persistent, requests, saved)?;
-            let virtio = virtio_devices(&vm, &mem, config, saved)?;
-            let vcpu_fds = (0..config.vcpus)
-                .map(|id| match saved {
-                    Some(s) => restore_vcpu(&vm, id, &s.vcpus[usize::from(id)]),
-                    None => {
-                        let entry = (id == 0).then_some(entry).flatten();
-                        configure_vcpu(host, &vm, id, config.vcpus, entry)
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            tracing::debug!("guest loaded, devices and vCPUs configured");
-            Ok::<_, VmError>((legacy, virtio, vcpu_fds))
+        let entry = match saved {
+            Some(_) => None,
+            None => Some(load_guest(&mem, config)?.entry),
         };
-        let prepared = if registered {
-            // The memory of a restored VM or of a shell was registered with it.
-            prepare()?
-        } else {
-            // Registering memory waits for the host (an SRCU grace period, milliseconds on
-            // some hosts) and is the longer of the two: it starts at once on this thread
-            // while a helper prepares the guest image, devices and vCPUs (a new thread can
-            // take a while to be scheduled; only the shorter job may wait for that).
-            let (prepared, slots) = std::thread::scope(|s| {
-                let prepared = s.spawn(prepare);
-                let t = std::time::Instant::now();
-                let slots = register_memory(&vm, &mem);
-                tracing::debug!(
-                    us = t.elapsed().as_micros() as u64,
-                    "guest memory registered"
-                );
-                let prepared = prepared
-                    .join()
-                    .unwrap_or_else(|_| Err(VmError::Build("VM preparation panicked".into())));
-                (prepared, slots)
-            });
-            slots?;
-            prepared?
-        };
+        let requests: RequestSink = control.clone();
+        let legacy = legacy_devices(&vm, persistent, requests, saved)?;
+        let virtio = virtio_devices(&vm, &mem, config, saved)?;
+        let vcpu_fds = (0..config.vcpus)
+            .map(|id| match saved {
+                Some(s) => restore_vcpu(&vm, id, &s.vcpus[usize::from(id)]),
+                None => {
+                    let entry = (id == 0).then_some(entry).flatten();
+                    configure_vcpu(host, &vm, id, config.vcpus, entry)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::debug!("guest loaded, devices and vCPUs configured");
+        let prepared = (legacy, virtio, vcpu_fds);
         let ((pio, serial, room, pm, cmos), (mmio, virtio, transports), vcpu_fds) = prepared;
         if let Some(s) = saved {
             snapshot::restore_vm_state(&vm, &s.vm)?;
@@ -277,7 +246,8 @@ pub(crate) fn guest_memory(memory: u64) -> Result<GuestMemoryMmap, VmError> {
 }
 
 /// Tells KVM where guest RAM is.
-pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    let t = std::time::Instant::now();
     for (slot, region) in mem.iter().enumerate() {
         let host_addr = mem
             .get_host_address(region.start_addr())
@@ -293,12 +263,20 @@ pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Vm
         // the VM fd's use (the vCPU threads are joined before either is dropped).
         unsafe { vm.set_user_memory_region(r) }.map_err(build_err("memory region"))?;
     }
+    tracing::debug!(
+        us = t.elapsed().as_micros() as u64,
+        "guest memory registered"
+    );
     Ok(())
 }
 
-/// A KVM VM with the TSS, the in-kernel irqchip, Kiln's interrupt routes, and with `pit` the
-/// in-kernel PIT.
-pub(crate) fn create_vm(host: &Host, pit: bool) -> Result<VmFd, VmError> {
+/// A KVM VM with guest RAM `mem` registered, the TSS, the in-kernel irqchip, Kiln's interrupt
+/// routes, and with `pit` the in-kernel PIT.
+///
+/// The memory goes in before the irqchip: once a VM has its in-kernel PIC and IOAPIC, KVM
+/// takes 5–8 ms to add a memory slot on our hosts (it waits out an SRCU grace period), and
+/// 0.1–0.2 ms before (measured with bare ioctls; the irqchip itself takes 0.02 ms either way).
+pub(crate) fn create_vm(host: &Host, pit: bool, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     let vm = loop {
         match host.kvm.create_vm() {
             Err(e) if e.errno() == libc::EINTR => continue,
@@ -307,6 +285,7 @@ pub(crate) fn create_vm(host: &Host, pit: bool) -> Result<VmFd, VmError> {
     };
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(build_err("TSS address"))?;
+    register_memory(&vm, mem)?;
     vm.create_irq_chip().map_err(build_err("irqchip"))?;
     let routes = KvmIrqRouting::from_entries(&boot::irq::kvm_routes())
         .map_err(|e| VmError::Build(format!("GSI routing: {e:?}")))?;

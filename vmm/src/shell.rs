@@ -11,7 +11,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::config::VmConfig;
 use crate::host::Host;
-use crate::machine::{create_vm, guest_memory, register_memory};
+use crate::machine::{create_vm, guest_memory};
 use crate::vm::VmError;
 
 /// A KVM VM with `memory` bytes of registered guest RAM, not yet booted.
@@ -25,8 +25,7 @@ impl VmShell {
     /// Builds a shell for guests of `memory` bytes (blocks while KVM registers it).
     pub fn new(host: &Host, memory: u64) -> Result<Self, VmError> {
         let mem = guest_memory(memory)?;
-        let vm = create_vm(host, false)?;
-        register_memory(&vm, &mem)?;
+        let vm = create_vm(host, false, &mem)?;
         Ok(Self { vm, mem, memory })
     }
 

@@ -9,7 +9,7 @@ use vm_memory::GuestMemoryMmap;
 use super::state::KvmVmState;
 use super::{memory, Snapshot};
 use crate::host::Host;
-use crate::machine::{create_vm, register_memory};
+use crate::machine::create_vm;
 use crate::vm::VmError;
 
 /// What a VM is restored from: a snapshot, or a shell prepared from one ahead of time.
@@ -33,8 +33,7 @@ impl PreparedVm {
     /// Builds the shell for restoring `snapshot`.
     pub fn new(host: &Host, snapshot: Arc<Snapshot>) -> Result<Self, VmError> {
         let mem = memory::map(&snapshot.memory, &snapshot.state.regions)?;
-        let vm = create_vm(host, snapshot.state.config.pit)?;
-        register_memory(&vm, &mem)?;
+        let vm = create_vm(host, snapshot.state.config.pit, &mem)?;
         Ok(Self { vm, mem, snapshot })
     }
 
