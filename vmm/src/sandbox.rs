@@ -1,7 +1,9 @@
 //! The seccomp sandbox of `kiln serve`: each kind of thread runs under an allowlist of system
 //! calls (built with `seccompiler`; NoNewPrivs set), installed by the thread itself when it
-//! starts. Filters stack: a thread keeps those of the thread that started it, so what a vCPU
-//! may do is its own list within its VM thread's and the API runtime's.
+//! starts — except the API runtime's threads, which inherit the API filter from the main
+//! thread (`kiln serve` installs it before starting them). Filters stack: a thread keeps
+//! those of the thread that started it, so what a vCPU may do is its own list within its VM
+//! thread's and the API runtime's.
 //!
 //! A call outside the list is not run: the thread gets `SIGSYS`, whose handler makes the call
 //! fail with `EPERM`, writes a line to stderr and remembers the call for the thread
