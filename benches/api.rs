@@ -5,6 +5,15 @@
 //!     cargo bench --bench api -- --sandbox-compare [--runs N]
 //!
 //!     cargo bench --bench api -- --idle N
+//!     cargo bench --bench api -- --startup [--runs N] [--requests N]
+//!                                [--firecracker PATH] [--cloud-hypervisor PATH]
+//!
+//! `--startup` compares the APIs themselves, `kiln serve` beside each peer given (no VM in
+//! any): process start → the first 200 to each one's cheapest GET (`/v1`, Firecracker's `/`,
+//! Cloud Hypervisor's `/api/v1/vmm.ping`), median of `--runs` fresh processes, interleaved;
+//! then that GET's latency on kept-alive connections at 1 and 32 concurrent clients,
+//! `--requests` each, with the count of requests refused or failed. One plain HTTP/1.1
+//! client (`common::peers::RawHttp`) for all.
 //!
 //! `--idle N` measures only what idle guests cost the daemon: N probe guests (1 vCPU, 128 MiB,
 //! `probe=hlt`) started one after the other in one fresh `kiln serve`, then its RSS, PSS,
@@ -284,6 +293,14 @@ fn main() {
         idle(arg(&args, "--idle", 1000usize).max(1));
         return;
     }
+    if common::has(&args, "--startup") {
+        startup(
+            &args,
+            arg(&args, "--runs", 20usize).max(1),
+            arg(&args, "--requests", 5000usize).max(1),
+        );
+        return;
+    }
     if common::has(&args, "--sandbox-compare") {
         sandbox_compare(arg(&args, "--runs", 20usize).max(1));
         return;
@@ -488,4 +505,139 @@ fn idle(n: usize) {
             t.elapsed().as_secs_f64()
         );
     });
+}
+
+/// One VMM's API under `--startup`: how to start it on a socket and what to GET.
+struct ApiSubject {
+    name: &'static str,
+    spawn: Box<dyn Fn(&Path) -> std::process::Child>,
+    path: &'static str,
+}
+
+/// `--startup`: API start-up and GET latency of `kiln serve` and the peers.
+fn startup(args: &[String], runs: usize, requests: usize) {
+    use common::peers::{time_to_api, RawHttp};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut subjects = vec![ApiSubject {
+        name: "kiln serve",
+        spawn: Box::new(move |socket: &Path| {
+            let _ = std::fs::remove_file(socket);
+            std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["serve", "--socket"])
+                .arg(socket)
+                .arg("--state-dir")
+                .arg(&state)
+                .env("KILN_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn kiln serve")
+        }),
+        path: "/v1",
+    }];
+    for peer in common::peers::from_args(args) {
+        let path = peer.ping_path();
+        let name = peer.name();
+        subjects.push(ApiSubject {
+            name,
+            spawn: Box::new(move |socket: &Path| peer.spawn_api(socket)),
+            path,
+        });
+    }
+    let stop = |mut child: std::process::Child| {
+        // SIGTERM first: kiln serve removes its socket and lock on the way out.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    // Start-up, interleaved.
+    let mut starts: Vec<Vec<Duration>> = subjects.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (i, s) in subjects.iter().enumerate() {
+            let socket = dir.path().join(format!("api-{i}.sock"));
+            let (took, child) = time_to_api(|| (s.spawn)(&socket), &socket, s.path);
+            starts[i].push(took);
+            stop(child);
+        }
+    }
+    for v in &mut starts {
+        v.sort();
+    }
+    println!("process start → first 200 to its cheapest GET, median of {runs} fresh processes; then that GET on kept-alive connections, {requests} per client");
+    println!(
+        "{:18} {:>17} {:>9} {:>10} {:>8} {:>11} {:>8} {:>12}",
+        "subject", "GET", "start ms", "1: p50 µs", "p99 µs", "32: p50 µs", "p99 µs", "refused"
+    );
+    for (i, s) in subjects.iter().enumerate() {
+        let socket = dir.path().join(format!("api-{i}.sock"));
+        let (_, child) = time_to_api(|| (s.spawn)(&socket), &socket, s.path);
+        let mut row = Vec::new();
+        let mut refused = 0usize;
+        for clients in [1usize, 32] {
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(clients));
+            let threads: Vec<_> = (0..clients)
+                .map(|_| {
+                    let (socket, path, barrier) = (socket.clone(), s.path, barrier.clone());
+                    std::thread::spawn(move || {
+                        let mut lat = Vec::with_capacity(requests);
+                        let mut failed = 0usize;
+                        let conn = RawHttp::connect(&socket);
+                        barrier.wait();
+                        let Ok(mut c) = conn else {
+                            return (lat, requests);
+                        };
+                        for _ in 0..requests {
+                            let t = Instant::now();
+                            match c.get(path) {
+                                Ok(200) => lat.push(t.elapsed()),
+                                Ok(_) => failed += 1,
+                                // The server closed the connection: the rest are refused.
+                                Err(_) => {
+                                    let done = lat.len() + failed;
+                                    return (lat, failed + requests - done);
+                                }
+                            }
+                        }
+                        (lat, failed)
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in threads {
+                let (lat, failed) = t.join().expect("client thread");
+                all.extend(lat);
+                if clients > 1 {
+                    refused += failed;
+                }
+            }
+            all.sort();
+            row.push(if all.is_empty() {
+                (f64::NAN, f64::NAN)
+            } else {
+                (us(percentile(&all, 0.5)), us(percentile(&all, 0.99)))
+            });
+        }
+        stop(child);
+        println!(
+            "{:18} {:>17} {:>9.2} {:>10.0} {:>8.0} {:>11.0} {:>8.0} {:>12}",
+            s.name,
+            s.path,
+            ms(starts[i][runs / 2]),
+            row[0].0,
+            row[0].1,
+            row[1].0,
+            row[1].1,
+            format!("{refused}/{}", 32 * requests)
+        );
+    }
 }

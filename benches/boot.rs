@@ -3,6 +3,10 @@
 //! microvm booting the same probe guest, interleaved, N runs each.
 //!
 //!     cargo bench --bench boot -- [--runs N] [--no-qemu] [--kiln-dist PATH]
+//!                                 [--firecracker PATH] [--cloud-hypervisor PATH]
+//!
+//! `--firecracker PATH` and `--cloud-hypervisor PATH` add those VMMs booting the same probe
+//! (1 vCPU, 256 MiB, no API, serial on stdout; see `common::peers` for how each one ends).
 //!
 //! `--kiln-dist PATH` adds another kiln binary (the shipped build: `cargo build --profile
 //! dist`) beside the one cargo built for the bench.
@@ -132,6 +136,10 @@ fn main() {
             ),
         ));
     }
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    for peer in common::peers::from_args(&args) {
+        subjects.push((peer.name(), peer.boot_cmd(&probe_elf(), tmp.path(), 256)));
+    }
     let mut results: Vec<Vec<Sample>> = subjects.iter().map(|_| Vec::new()).collect();
     for _ in 0..runs {
         for (i, (_, cmd)) in subjects.iter().enumerate() {
@@ -139,7 +147,7 @@ fn main() {
         }
     }
     println!(
-        "{:14} {:>4} {:>10} {:>9} {:>12} {:>13}  exit status",
+        "{:16} {:>4} {:>10} {:>9} {:>12} {:>13}  exit status",
         "subject", "runs", "banner ms", "exit ms", "teardown ms", "peak RSS MiB"
     );
     for ((name, _), rs) in subjects.iter().zip(results) {
@@ -151,7 +159,7 @@ fn main() {
         codes.sort();
         codes.dedup();
         println!(
-            "{:14} {:>4} {:>10.1} {:>9.1} {:>12.1} {:>13.2}  {:?}",
+            "{:16} {:>4} {:>10.1} {:>9.1} {:>12.1} {:>13.2}  {:?}",
             name,
             rs.len(),
             ms(&|r| r.banner),

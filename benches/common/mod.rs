@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod peers;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
