@@ -57,6 +57,10 @@ pub fn has(args: &[String], name: &str) -> bool {
 pub struct Bench {
     pub end: String,
     pub time: Duration,
+    /// CPU time the VMM's own threads (all but its vCPUs) spent between START and END.
+    pub vmm_cpu: Duration,
+    /// CPU time of its vCPU threads in that span (the guest's own run included).
+    pub vcpu_cpu: Duration,
 }
 
 impl Bench {
@@ -97,15 +101,20 @@ pub fn bench_run(cmd: &[String], limit: Duration) -> Vec<BenchResult> {
     let deadline = Instant::now() + limit;
     let mut start = None;
     let mut results = Vec::new();
+    let pid = child.id();
     for line in BufReader::new(out).lines().map_while(Result::ok) {
         let line = line.trim_end_matches('\r').to_string();
         if line.starts_with("PROBE-BENCH-START") {
-            start = Some(Instant::now());
+            start = Some((Instant::now(), thread_cpu(pid)));
         } else if line.starts_with("PROBE-BENCH-END") {
-            if let Some(s) = start.take() {
+            if let Some((s, (vmm0, vcpu0))) = start.take() {
+                let time = s.elapsed();
+                let (vmm1, vcpu1) = thread_cpu(pid);
                 results.push(Ok(Bench {
-                    time: s.elapsed(),
+                    time,
                     end: line.clone(),
+                    vmm_cpu: vmm1.saturating_sub(vmm0),
+                    vcpu_cpu: vcpu1.saturating_sub(vcpu0),
                 }));
             }
         } else if let Some(rest) = line.strip_prefix("PROBE-FAIL ") {
@@ -127,6 +136,32 @@ pub fn bench_run(cmd: &[String], limit: Duration) -> Vec<BenchResult> {
     let _ = child.kill();
     let _ = child.wait();
     results
+}
+
+/// CPU time so far of a process's threads (`/proc/PID/task/*/schedstat`, on-CPU
+/// nanoseconds): (the VMM's own threads, its vCPU threads). vCPU threads are told by their
+/// names: Kiln's `kiln-vcpuN`, QEMU's `CPU N/KVM`, Firecracker's `fc_vcpu N`, Cloud
+/// Hypervisor's `vcpuN`. Threads that ended before the call are not counted.
+pub fn thread_cpu(pid: u32) -> (Duration, Duration) {
+    let (mut vmm, mut vcpu) = (0u64, 0u64);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (Duration::ZERO, Duration::ZERO);
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let ns: u64 = std::fs::read_to_string(p.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let name = name.trim();
+        if name.contains("vcpu") || (name.starts_with("CPU ") && name.ends_with("/KVM")) {
+            vcpu += ns;
+        } else {
+            vmm += ns;
+        }
+    }
+    (Duration::from_nanos(vmm), Duration::from_nanos(vcpu))
 }
 
 /// The number after `key` (`bytes=`) in a line's words; 0 when absent.
@@ -179,6 +214,9 @@ pub fn qemu_microvm(probe: &Path, vm: Microvm) -> Vec<String> {
         "-serial",
         "stdio",
         "-no-reboot",
+        // Thread names (`CPU 0/KVM`), so that `thread_cpu` tells vCPUs from the rest.
+        "-name",
+        "debug-threads=on",
     ]);
     if let Some(n) = vm.smp {
         v.extend(["-smp".to_string(), n.to_string()]);
