@@ -28,6 +28,13 @@ pub trait DiskBackend: Send {
     /// Whether the disk was opened read-only (writes then fail with [`crate::Error::ReadOnly`]).
     fn read_only(&self) -> bool;
 
+    /// The file that holds the disk's bytes at their own offsets (a raw image), so that a
+    /// device can move data between it and guest memory with no copy in between; `None`
+    /// when the format maps offsets (qcow2). Bytes past the file's end read as zeros.
+    fn flat_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
     /// Takes an internal snapshot named `name` of the disk as every completed write left it
     /// (qcow2 only; a raw disk's snapshot is a copy of its file, see
     /// [`crate::snapshot_raw`]).

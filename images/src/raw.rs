@@ -144,6 +144,10 @@ impl DiskBackend for RawDisk {
         fileio::write_zeros_plain(&self.file, offset, len).map_err(|e| self.io_err("zeroing", e))
     }
 
+    fn flat_file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
     fn read_only(&self) -> bool {
         self.read_only
     }

@@ -10,6 +10,7 @@ use images::DiskBackend;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
+use super::guest_iov::GuestIovecs;
 use super::{ActivateError, Activation, VirtioDevice, VirtioInterrupt, TYPE_BLOCK};
 use std::sync::Arc;
 
@@ -58,6 +59,9 @@ struct RequestHeader {
 }
 // SAFETY: plain old data, every bit pattern is valid.
 unsafe impl ByteValued for RequestHeader {}
+
+/// Bytes of the request header that comes before a write's data.
+const HEADER_LEN: usize = std::mem::size_of::<RequestHeader>();
 
 #[derive(Clone, Copy, Default)]
 #[repr(C)]
@@ -222,6 +226,7 @@ fn execute(
     buf: &mut Vec<u8>,
     stats: &mut BlockStats,
 ) -> Outcome {
+    let buffers = chain.clone();
     let mut reader = match virtio_queue::Reader::<()>::new(mem, chain.clone()) {
         Ok(r) => r,
         Err(_) => return Outcome::Dropped("a readable descriptor is outside guest memory"),
@@ -263,12 +268,23 @@ fn execute(
             let Some(offset) = range(data_out_len).filter(|_| data_in == 0) else {
                 return finish(S_IOERR, 0, "read: bad buffer direction, size or range");
             };
-            if buf.len() < data_out_len {
-                buf.resize(data_out_len, 0);
-            }
-            let buf = &mut buf[..data_out_len];
-            if disk.read_at(buf, offset).is_err() || data_out.write_all(buf).is_err() {
-                return finish(S_IOERR, 0, "read: I/O error");
+            // A raw image is read straight into the guest's buffers (all but the status byte).
+            let in_place = disk.flat_file().zip(
+                GuestIovecs::of_chain(mem, buffers, true, 0, 1)
+                    .filter(|iov| iov.len() == data_out_len),
+            );
+            if let Some((file, iov)) = in_place {
+                if iov.read_from(file, offset).is_err() {
+                    return finish(S_IOERR, 0, "read: I/O error");
+                }
+            } else {
+                if buf.len() < data_out_len {
+                    buf.resize(data_out_len, 0);
+                }
+                let buf = &mut buf[..data_out_len];
+                if disk.read_at(buf, offset).is_err() || data_out.write_all(buf).is_err() {
+                    return finish(S_IOERR, 0, "read: I/O error");
+                }
             }
             stats.read_bytes += data_out_len as u64;
             finish(S_OK, data_out_len, "")
@@ -280,12 +296,23 @@ fn execute(
             if read_only {
                 return finish(S_IOERR, 0, "write to a read-only disk");
             }
-            if buf.len() < data_in {
-                buf.resize(data_in, 0);
-            }
-            let buf = &mut buf[..data_in];
-            if reader.read_exact(buf).is_err() || disk.write_at(buf, offset).is_err() {
-                return finish(S_IOERR, 0, "write: I/O error");
+            // A raw image is written straight from the guest's buffers (after the header).
+            let in_place = disk.flat_file().zip(
+                GuestIovecs::of_chain(mem, buffers, false, HEADER_LEN, 0)
+                    .filter(|iov| iov.len() == data_in),
+            );
+            if let Some((file, iov)) = in_place {
+                if iov.write_to(file, offset).is_err() {
+                    return finish(S_IOERR, 0, "write: I/O error");
+                }
+            } else {
+                if buf.len() < data_in {
+                    buf.resize(data_in, 0);
+                }
+                let buf = &mut buf[..data_in];
+                if reader.read_exact(buf).is_err() || disk.write_at(buf, offset).is_err() {
+                    return finish(S_IOERR, 0, "write: I/O error");
+                }
             }
             stats.write_bytes += data_in as u64;
             finish(S_OK, 0, "")
@@ -513,6 +540,85 @@ mod tests {
         d.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
         assert_eq!(&id[..13], b"kiln-serial-1");
         assert!(d.irq.0.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    }
+
+    #[test]
+    fn raw_data_moves_in_place_across_scattered_buffers_and_a_shrunk_file() {
+        // A raw image is read and written straight to and from the guest's buffers: the data
+        // may share a descriptor with the header or the status byte and span several.
+        let (mut b, mut d, _dir, path) = active(false);
+        let pattern = |i: u32| (i * 7 + (i >> 9)) as u8;
+        let publish = |b: &mut Block, d: &mut Driver| {
+            d.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            d.publish(0);
+            let before = d.used_idx();
+            b.queue_notified(0);
+            d.used(before)
+        };
+        // Write: header + 512 data bytes in one descriptor, 1024 more in a second.
+        let (hdr, more) = (DATA + 0x4000, DATA + 0x6000);
+        d.mem
+            .write_obj(
+                RequestHeader {
+                    kind: T_OUT,
+                    _reserved: 0,
+                    sector: 4,
+                },
+                GuestAddress(hdr),
+            )
+            .unwrap();
+        d.mem
+            .write_slice(&[0x11; 512], GuestAddress(hdr + 16))
+            .unwrap();
+        d.mem
+            .write_slice(&[0x22; 1024], GuestAddress(more))
+            .unwrap();
+        d.set_desc(0, hdr, 16 + 512, F_NEXT, 1);
+        d.set_desc(1, more, 1024, F_NEXT, 2);
+        d.set_desc(2, STATUS, 1, F_WRITE, 0);
+        publish(&mut b, &mut d);
+        assert_eq!(d.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(&file[2048..2560], &[0x11; 512][..]);
+        assert_eq!(&file[2560..3584], &[0x22; 1024][..]);
+        assert_eq!(file[3584], pattern(3584), "the byte after the write");
+
+        // Read: 512 bytes in one buffer, then 512 more with the status byte after them in the
+        // same descriptor.
+        header(&d, T_IN, 4);
+        d.set_desc(0, HDR, 16, F_NEXT, 1);
+        d.set_desc(1, BUF, 512, F_NEXT | F_WRITE, 2);
+        d.set_desc(2, BUF + 0x800, 513, F_WRITE, 0);
+        d.mem
+            .write_obj(0xffu8, GuestAddress(BUF + 0x800 + 512))
+            .unwrap();
+        let (_, len) = publish(&mut b, &mut d);
+        assert_eq!(len, 1025);
+        let mut got = vec![0u8; 512];
+        d.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(got[..], [0x11; 512][..]);
+        d.mem
+            .read_slice(&mut got, GuestAddress(BUF + 0x800))
+            .unwrap();
+        assert_eq!(got[..], [0x22; 512][..]);
+        let status: u8 = d.mem.read_obj(GuestAddress(BUF + 0x800 + 512)).unwrap();
+        assert_eq!(status, S_OK);
+
+        // The file shrinks behind the device's back: what is gone reads as zeros.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096 + 256)
+            .unwrap();
+        d.mem.write_slice(&[0x55; 1024], GuestAddress(BUF)).unwrap();
+        let (st, _) = request(&mut b, &mut d, T_IN, 8, 1024, F_WRITE);
+        assert_eq!(st, S_OK);
+        let mut got = vec![0u8; 1024];
+        d.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        let want: Vec<u8> = (4096..4096 + 256u32).map(pattern).collect();
+        assert_eq!(got[..256], want[..]);
+        assert!(got[256..].iter().all(|&x| x == 0), "zeros past the end");
     }
 
     #[test]

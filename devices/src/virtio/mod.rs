@@ -7,6 +7,7 @@
 //! queue notifications arrive on the event loop through ioeventfds.
 
 pub mod block;
+mod guest_iov;
 pub mod mmio;
 pub mod net;
 pub mod tap;
