@@ -12,8 +12,8 @@ use vmm::{Host, VmConfig, VmShell};
 /// Memory of the shells built before any instance started.
 const FIRST_MEMORY: u64 = 256 << 20;
 
-/// Shells built at once, each on a thread of its own. Building one is mostly waiting for the
-/// host kernel (an SRCU grace period per VM), and those waits overlap.
+/// Shells built at once, each on a thread of its own (building one is mostly system calls, so
+/// a few overlap well).
 const BUILDERS: usize = 4;
 
 /// The shells, and what they are refilled to.

@@ -273,9 +273,10 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
 /// A KVM VM with guest RAM `mem` registered, the TSS, the in-kernel irqchip, Kiln's interrupt
 /// routes, and with `pit` the in-kernel PIT.
 ///
-/// The memory goes in before the irqchip: once a VM has its in-kernel PIC and IOAPIC, KVM
-/// takes 5–8 ms to add a memory slot on our hosts (it waits out an SRCU grace period), and
-/// 0.1–0.2 ms before (measured with bare ioctls; the irqchip itself takes 0.02 ms either way).
+/// The memory goes in before the irqchip: `KVM_CREATE_IRQCHIP` starts an SRCU grace period
+/// (~16 ms on our hosts) that a memory slot added after it waits out (5–8 ms measured with
+/// bare ioctls), against 0.1–0.2 ms before it. Closing a VM younger than that grace period
+/// still waits for its end.
 pub(crate) fn create_vm(host: &Host, pit: bool, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     let vm = loop {
         match host.kvm.create_vm() {
