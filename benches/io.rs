@@ -9,6 +9,9 @@
 //!
 //!     cargo bench --bench io -- [--no-qemu] [--mib N]
 //!
+//! The network part runs both directions: TX (the guest blasts UDP at the host) and RX (the
+//! host's datagrams, echoed by the guest).
+//!
 //! Needs root (network namespace, TAP). Traffic stays inside a namespace it creates.
 
 mod common;
@@ -155,7 +158,10 @@ impl Netns {
                 "ip {a:?}"
             )
         };
-        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", NS])
+            .stderr(Stdio::null())
+            .status();
         ip(&["netns", "add", NS]);
         ip(&["-n", NS, "tuntap", "add", "dev", TAP, "mode", "tap"]);
         ip(&[
@@ -260,4 +266,110 @@ fn main() {
     let probe = probe_elf();
     disk(mib, with_qemu, &probe);
     net(with_qemu, &probe);
+    net_rx(with_qemu, &probe);
+}
+
+/// The RX direction: the host sends UDP datagrams to the probe's echo port (`net-serve`), at
+/// most `WINDOW` unanswered at a time, and counts the echoes; each datagram crosses the VMM
+/// twice (RX, then TX back). Rate and the VMM's CPU per 10 000 datagrams received, in the span
+/// from the first send to the last echo.
+fn net_rx(with_qemu: bool, probe: &Path) {
+    use std::io::{BufRead, BufReader};
+    const WINDOW: usize = 32;
+    let _ns = Netns::new();
+    let (count, size) = (50_000usize, 1400usize);
+    let cmds = format!("net-ip:0:{GUEST_IP},net-serve:0:{count},poweroff");
+    let mut kiln = strings(&[
+        "ip",
+        "netns",
+        "exec",
+        NS,
+        env!("CARGO_BIN_EXE_kiln"),
+        "run",
+        "--net",
+    ]);
+    kiln.push(format!("tap={TAP},mac=02:00:00:00:00:02"));
+    kiln.push("--cmdline".into());
+    kiln.push(format!("console=ttyS0 probe={cmds}"));
+    let mut subjects = vec![("kiln", kiln)];
+    if with_qemu {
+        let mut q = strings(&["ip", "netns", "exec", NS]);
+        q.extend(qemu(
+            probe,
+            256,
+            strings(&[
+                "-netdev",
+                &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"),
+                "-device",
+                "virtio-net-device,netdev=n0,mac=02:00:00:00:00:02",
+            ]),
+            format!("console=ttyS0 probe={cmds}"),
+        ));
+        subjects.push(("qemu-microvm", q));
+    }
+    println!("virtio-net RX: {count} UDP datagrams of {size} bytes echoed by the guest, {WINDOW} in flight; CPU ms of the VMM's own threads per GiB received and per 10 000 datagrams");
+    println!(
+        "{:14} {:>12} {:>10} {:>10} {:>10} {:>10}",
+        "subject", "echoes/s", "MB/s in", "echoed", "ms/GiB", "ms/10k"
+    );
+    for (name, cmd) in subjects {
+        let mut child = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", cmd[0]));
+        let pid = child.id();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("PROBE-OK net-ip"));
+        if !ready {
+            println!("{name:14} (the guest never took its address)");
+            let _ = child.kill();
+            let _ = child.wait();
+            continue;
+        }
+        // The host's side, inside the namespace.
+        let host = std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/var/run/netns/{NS}")).unwrap();
+            // SAFETY: setns on this thread only.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let sock = UdpSocket::bind((HOST_IP, 0)).unwrap();
+            sock.connect((GUEST_IP, 7)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let msg = vec![0x5au8; size];
+            let mut buf = [0u8; 2048];
+            let (mut sent, mut got) = (0usize, 0usize);
+            let start = Instant::now();
+            let cpu0 = common::thread_cpu(pid);
+            while got < count {
+                while sent < count && sent - got < WINDOW {
+                    sock.send(&msg).unwrap();
+                    sent += 1;
+                }
+                if sock.recv(&mut buf).is_err() {
+                    break; // lost: the rest is not coming
+                }
+                got += 1;
+            }
+            let took = start.elapsed();
+            let cpu1 = common::thread_cpu(pid);
+            (got, took, cpu1.0.saturating_sub(cpu0.0))
+        });
+        let (got, took, vmm_cpu) = host.join().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let gib = (got * size) as f64 / (1u64 << 30) as f64;
+        println!(
+            "{name:14} {:>12.0} {:>10.1} {:>10} {:>10.0} {:>10.1}",
+            got as f64 / took.as_secs_f64(),
+            mbps((got * size) as u64, took),
+            got,
+            vmm_cpu.as_secs_f64() * 1e3 / gib.max(1e-9),
+            vmm_cpu.as_secs_f64() * 1e3 / got.max(1) as f64 * 1e4,
+        );
+    }
 }
