@@ -80,3 +80,57 @@ fn missing_initrd() {
         "{e}"
     );
 }
+
+#[test]
+fn run_and_serve_answer_help_and_mistakes_as_the_whole_cli_does() {
+    // `kiln run` and `kiln serve` parse their own arguments alone (main.rs); what that parse
+    // refuses goes through the full parser, so help and errors name the subcommand as before.
+    for (args, status, out, err) in [
+        (&["run", "--help"][..], 0, "Usage: kiln run [OPTIONS]", ""),
+        (
+            &["serve", "--help"][..],
+            0,
+            "Usage: kiln serve [OPTIONS]",
+            "",
+        ),
+        (&["run", "--bogus"][..], 2, "", "Usage: kiln run [OPTIONS]"),
+        (
+            &["serve", "--bogus"][..],
+            2,
+            "",
+            "Usage: kiln serve [OPTIONS]",
+        ),
+        (
+            &["run", "--cpus"][..],
+            2,
+            "",
+            "a value is required for '--cpus <N>'",
+        ),
+    ] {
+        let r = run_kiln(args, Duration::from_secs(30));
+        assert_eq!(r.status, Some(status), "{args:?}: {}", r.dump());
+        assert!(
+            r.stdout.contains(out) && r.stderr.contains(err),
+            "{args:?}: {}",
+            r.dump()
+        );
+        assert!(!r.stderr.contains("panicked"), "{}", r.dump());
+    }
+    // What parses goes on to the subcommand itself: its own checks answer.
+    let r = run_kiln(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:9",
+            "--socket",
+            "/nonexistent/k.sock",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.status, Some(2), "{}", r.dump());
+    assert!(
+        r.stderr.contains("--listen needs --token-file"),
+        "{}",
+        r.dump()
+    );
+}
