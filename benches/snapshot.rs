@@ -110,7 +110,7 @@ fn boot(host: &Arc<Host>, memory_mib: u64, cmds: &str) -> Running {
     let config = VmConfig {
         vcpus: 1,
         memory: memory_mib << 20,
-        kernel: KernelImage::Bytes(Arc::from(PROBE)),
+        kernel: KernelImage::Bytes(bytes::Bytes::from_static(PROBE)),
         initrd: None,
         cmdline: format!("console=ttyS0 probe={cmds}"),
         disks: Vec::new(),

@@ -188,7 +188,7 @@ pub fn run(args: RunArgs) -> i32 {
         memory,
         kernel: match args.kernel {
             Some(p) => KernelImage::File(p),
-            None => KernelImage::Bytes(Arc::from(PROBE_GUEST)),
+            None => KernelImage::Bytes(bytes::Bytes::from_static(PROBE_GUEST)),
         },
         initrd: args.initrd,
         cmdline: args.cmdline,

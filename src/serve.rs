@@ -290,7 +290,7 @@ pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
         host,
         &args.state_dir,
         &args.image_dirs,
-        Arc::from(PROBE_GUEST),
+        bytes::Bytes::from_static(PROBE_GUEST),
         rt.handle().clone(),
     ) {
         Ok(m) => m,

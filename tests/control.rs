@@ -32,7 +32,14 @@ fn manager(dir: &std::path::Path) -> Plane {
         .build()
         .unwrap();
     let host = Arc::new(Host::open().unwrap());
-    let m = Manager::open(host, dir, &[], Arc::from(PROBE), rt.handle().clone()).unwrap();
+    let m = Manager::open(
+        host,
+        dir,
+        &[],
+        bytes::Bytes::from_static(PROBE),
+        rt.handle().clone(),
+    )
+    .unwrap();
     Plane { m, rt }
 }
 

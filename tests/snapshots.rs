@@ -344,7 +344,7 @@ fn probe_config(cmds: &str, disks: Vec<PathBuf>) -> VmConfig {
     VmConfig {
         vcpus: 1,
         memory: 64 << 20,
-        kernel: KernelImage::Bytes(Arc::from(PROBE)),
+        kernel: KernelImage::Bytes(bytes::Bytes::from_static(PROBE)),
         initrd: None,
         cmdline: format!("console=ttyS0 probe={cmds}"),
         disks: disks

@@ -15,7 +15,7 @@ fn vm(host: &Arc<Host>, disk: &std::path::Path, cmds: &str, out: &Buffer) -> Vm 
     let config = VmConfig {
         vcpus: 1,
         memory: 64 << 20,
-        kernel: KernelImage::Bytes(Arc::from(PROBE)),
+        kernel: KernelImage::Bytes(bytes::Bytes::from_static(PROBE)),
         initrd: None,
         cmdline: format!("console=ttyS0 probe={cmds}"),
         disks: vec![DiskConfig {

@@ -37,7 +37,7 @@ fn start(cmds: &str, vcpus: u8, with_input: bool) -> Running {
     let config = VmConfig {
         vcpus,
         memory: 64 << 20,
-        kernel: KernelImage::Bytes(Arc::from(PROBE)),
+        kernel: KernelImage::Bytes(bytes::Bytes::from_static(PROBE)),
         initrd: None,
         cmdline: format!("console=ttyS0 probe={cmds}"),
         disks: Vec::new(),
@@ -176,7 +176,7 @@ fn a_vm_boots_in_a_shell_of_its_size_and_refuses_others() {
     let config = |memory: u64, pit: bool| VmConfig {
         vcpus: 1,
         memory,
-        kernel: KernelImage::Bytes(Arc::from(PROBE)),
+        kernel: KernelImage::Bytes(bytes::Bytes::from_static(PROBE)),
         initrd: None,
         cmdline: "console=ttyS0 probe=e820,poweroff".into(),
         disks: Vec::new(),

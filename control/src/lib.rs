@@ -74,7 +74,7 @@ use store::Store;
 /// Every instance, disk and image of the host.
 pub struct Manager {
     host: Arc<Host>,
-    probe: Arc<[u8]>,
+    probe: bytes::Bytes,
     store: Store,
     /// Directories images may be registered from (resolved).
     image_dirs: Vec<PathBuf>,
@@ -99,7 +99,7 @@ impl Manager {
         host: Arc<Host>,
         state_dir: &Path,
         image_dirs: &[PathBuf],
-        probe: Arc<[u8]>,
+        probe: bytes::Bytes,
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Self>> {
         let m = Self::load(host, state_dir, image_dirs, probe, runtime)?;
@@ -113,7 +113,7 @@ impl Manager {
         host: Arc<Host>,
         state_dir: &Path,
         image_dirs: &[PathBuf],
-        probe: Arc<[u8]>,
+        probe: bytes::Bytes,
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Self>> {
         let state_err = |e: std::io::Error| {

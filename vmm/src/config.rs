@@ -2,7 +2,6 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use boot::layout::{CMDLINE_MAX, MIN_MEMORY};
 
@@ -13,8 +12,9 @@ use crate::host::Host;
 pub enum KernelImage {
     /// A file on the host.
     File(PathBuf),
-    /// An image held in memory (the probe guest embedded in the binary).
-    Bytes(Arc<[u8]>),
+    /// An image held in memory (the probe guest embedded in the binary: `Bytes::from_static`
+    /// shares it with the binary instead of copying it to the heap).
+    Bytes(bytes::Bytes),
 }
 
 /// What a VM is made of.

@@ -1,7 +1,6 @@
 //! What a snapshot's state file holds, and its encoding (see the module above for the layout).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use devices::acpi_pm::AcpiPmState;
 use devices::serial::SerialState;
@@ -102,7 +101,7 @@ fn get_config(d: &mut Decoder) -> Decoded<VmConfig> {
     let memory = d.u64("memory size")?;
     let kernel = match d.u8("kernel kind")? {
         0 => KernelImage::File(PathBuf::from(d.string("kernel path")?)),
-        1 => KernelImage::Bytes(Arc::from(d.bytes("kernel image")?)),
+        1 => KernelImage::Bytes(bytes::Bytes::copy_from_slice(d.bytes("kernel image")?)),
         k => return Err(DecodeError(format!("unknown kernel kind {k}"))),
     };
     let initrd = d.option("initrd", |d| Ok(PathBuf::from(d.string("initrd path")?)))?;
