@@ -10,7 +10,7 @@ use images::DiskBackend;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use super::guest_iov::GuestIovecs;
+use super::guest_iov::{Direction, GuestIovecs};
 use super::{ActivateError, Activation, VirtioDevice, VirtioInterrupt, TYPE_BLOCK};
 use std::sync::Arc;
 
@@ -99,9 +99,18 @@ pub struct Block {
     id: [u8; ID_LEN],
     sizes: [u16; 1],
     active: Option<Active>,
-    buf: Vec<u8>,
+    scratch: Scratch,
     stats: BlockStats,
     block_size: u32,
+}
+
+/// What the device reuses from one request to the next.
+#[derive(Default)]
+struct Scratch {
+    /// Data copied between a mapping image (qcow2) and the guest.
+    buf: Vec<u8>,
+    /// The guest buffers of a raw image's request, mapped for in-place I/O.
+    iov: GuestIovecs,
 }
 
 /// How a request ended.
@@ -129,7 +138,7 @@ impl Block {
             id,
             sizes: [QUEUE_SIZE],
             active: None,
-            buf: Vec::new(),
+            scratch: Scratch::default(),
             stats: BlockStats::default(),
             block_size: SECTOR as u32,
         }
@@ -183,7 +192,7 @@ impl Block {
                 self.disk.as_mut(),
                 self.read_only,
                 &self.id,
-                &mut self.buf,
+                &mut self.scratch,
                 &mut self.stats,
             );
             let (len, failure) = match outcome {
@@ -216,6 +225,23 @@ impl Block {
     }
 }
 
+/// The data of a request moved in place between a raw image and the guest's buffers (`len`
+/// bytes of those going `dir`, `data` being their range); `None` when the disk is not a flat file or
+/// the buffers cannot be mapped, and the caller copies instead.
+fn in_place(
+    disk: &dyn DiskBackend,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    iov: &mut GuestIovecs,
+    dir: Direction,
+    data: std::ops::Range<usize>,
+    offset: u64,
+) -> Option<std::io::Result<()>> {
+    let file = disk.flat_file()?;
+    iov.map(mem, chain, dir, data)
+        .then(|| iov.transfer(file, offset, dir))
+}
+
 /// Parses and carries out one request.
 fn execute(
     mem: &GuestMemoryMmap,
@@ -223,9 +249,10 @@ fn execute(
     disk: &mut dyn DiskBackend,
     read_only: bool,
     id: &[u8; ID_LEN],
-    buf: &mut Vec<u8>,
+    scratch: &mut Scratch,
     stats: &mut BlockStats,
 ) -> Outcome {
+    let Scratch { buf, iov } = scratch;
     let buffers = chain.clone();
     let mut reader = match virtio_queue::Reader::<()>::new(mem, chain.clone()) {
         Ok(r) => r,
@@ -268,23 +295,27 @@ fn execute(
             let Some(offset) = range(data_out_len).filter(|_| data_in == 0) else {
                 return finish(S_IOERR, 0, "read: bad buffer direction, size or range");
             };
-            // A raw image is read straight into the guest's buffers (all but the status byte).
-            let in_place = disk.flat_file().zip(
-                GuestIovecs::of_chain(mem, buffers, true, 0, 1)
-                    .filter(|iov| iov.len() == data_out_len),
-            );
-            if let Some((file, iov)) = in_place {
-                if iov.read_from(file, offset).is_err() {
-                    return finish(S_IOERR, 0, "read: I/O error");
+            // A raw image is read straight into the guest's buffers, else through `buf`.
+            let done = match in_place(
+                disk,
+                mem,
+                buffers,
+                iov,
+                Direction::ToGuest,
+                0..data_out_len,
+                offset,
+            ) {
+                Some(r) => r.is_ok(),
+                None => {
+                    if buf.len() < data_out_len {
+                        buf.resize(data_out_len, 0);
+                    }
+                    let buf = &mut buf[..data_out_len];
+                    disk.read_at(buf, offset).is_ok() && data_out.write_all(buf).is_ok()
                 }
-            } else {
-                if buf.len() < data_out_len {
-                    buf.resize(data_out_len, 0);
-                }
-                let buf = &mut buf[..data_out_len];
-                if disk.read_at(buf, offset).is_err() || data_out.write_all(buf).is_err() {
-                    return finish(S_IOERR, 0, "read: I/O error");
-                }
+            };
+            if !done {
+                return finish(S_IOERR, 0, "read: I/O error");
             }
             stats.read_bytes += data_out_len as u64;
             finish(S_OK, data_out_len, "")
@@ -296,23 +327,27 @@ fn execute(
             if read_only {
                 return finish(S_IOERR, 0, "write to a read-only disk");
             }
-            // A raw image is written straight from the guest's buffers (after the header).
-            let in_place = disk.flat_file().zip(
-                GuestIovecs::of_chain(mem, buffers, false, HEADER_LEN, 0)
-                    .filter(|iov| iov.len() == data_in),
-            );
-            if let Some((file, iov)) = in_place {
-                if iov.write_to(file, offset).is_err() {
-                    return finish(S_IOERR, 0, "write: I/O error");
+            // A raw image is written straight from the guest's buffers, else through `buf`.
+            let done = match in_place(
+                disk,
+                mem,
+                buffers,
+                iov,
+                Direction::FromGuest,
+                HEADER_LEN..HEADER_LEN + data_in,
+                offset,
+            ) {
+                Some(r) => r.is_ok(),
+                None => {
+                    if buf.len() < data_in {
+                        buf.resize(data_in, 0);
+                    }
+                    let buf = &mut buf[..data_in];
+                    reader.read_exact(buf).is_ok() && disk.write_at(buf, offset).is_ok()
                 }
-            } else {
-                if buf.len() < data_in {
-                    buf.resize(data_in, 0);
-                }
-                let buf = &mut buf[..data_in];
-                if reader.read_exact(buf).is_err() || disk.write_at(buf, offset).is_err() {
-                    return finish(S_IOERR, 0, "write: I/O error");
-                }
+            };
+            if !done {
+                return finish(S_IOERR, 0, "write: I/O error");
             }
             stats.write_bytes += data_in as u64;
             finish(S_OK, 0, "")
