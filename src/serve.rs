@@ -192,6 +192,15 @@ impl HostReader {
     }
 }
 
+impl Drop for HostReader {
+    /// A start that fails before [`HostReader::get`] still joins the thread (it is short).
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Runs `kiln serve`; `socket` is where to serve when `--socket` is not given. Returns the
 /// exit status.
 pub fn serve(mut args: ServeArgs, socket: PathBuf) -> i32 {
