@@ -18,7 +18,6 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{arg, has, probe_elf, qemu_microvm, strings, Microvm};
@@ -36,13 +35,7 @@ struct Sample {
 
 fn one_run(cmd: &[String]) -> Sample {
     let start = Instant::now();
-    let mut child = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", cmd[0]));
+    let mut child = common::spawn_vmm(cmd);
     let mut out = child.stdout.take().unwrap();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];

@@ -148,6 +148,40 @@ fn disk(mib: u64, with_qemu: bool, probe: &Path) {
     let _ = std::fs::remove_file(&img);
 }
 
+/// The network subjects: `kiln run` and (with `with_qemu`) QEMU microvm inside the bench's
+/// namespace, on its TAP, running the probe commands `cmds`.
+fn net_subjects(with_qemu: bool, probe: &Path, cmds: &str) -> Vec<(&'static str, Vec<String>)> {
+    let mut kiln = strings(&[
+        "ip",
+        "netns",
+        "exec",
+        NS,
+        env!("CARGO_BIN_EXE_kiln"),
+        "run",
+        "--net",
+    ]);
+    kiln.push(format!("tap={TAP},mac=02:00:00:00:00:02"));
+    kiln.push("--cmdline".into());
+    kiln.push(format!("console=ttyS0 probe={cmds}"));
+    let mut subjects = vec![("kiln", kiln)];
+    if with_qemu {
+        let mut q = strings(&["ip", "netns", "exec", NS]);
+        q.extend(qemu(
+            probe,
+            256,
+            strings(&[
+                "-netdev",
+                &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"),
+                "-device",
+                "virtio-net-device,netdev=n0,mac=02:00:00:00:00:02",
+            ]),
+            format!("console=ttyS0 probe={cmds}"),
+        ));
+        subjects.push(("qemu-microvm", q));
+    }
+    subjects
+}
+
 struct Netns;
 
 impl Netns {
@@ -189,34 +223,7 @@ fn net(with_qemu: bool, probe: &Path) {
     let frames = 200_000;
     let size = 1400;
     let cmds = format!("net-ip:0:{GUEST_IP},net-blast:0:{HOST_IP}:9000:{frames}:{size},poweroff");
-    let mut kiln = strings(&[
-        "ip",
-        "netns",
-        "exec",
-        NS,
-        env!("CARGO_BIN_EXE_kiln"),
-        "run",
-        "--net",
-    ]);
-    kiln.push(format!("tap={TAP},mac=02:00:00:00:00:02"));
-    kiln.push("--cmdline".into());
-    kiln.push(format!("console=ttyS0 probe={cmds}"));
-    let mut subjects = vec![("kiln", kiln)];
-    if with_qemu {
-        let mut q = strings(&["ip", "netns", "exec", NS]);
-        q.extend(qemu(
-            probe,
-            256,
-            strings(&[
-                "-netdev",
-                &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"),
-                "-device",
-                "virtio-net-device,netdev=n0,mac=02:00:00:00:00:02",
-            ]),
-            format!("console=ttyS0 probe={cmds}"),
-        ));
-        subjects.push(("qemu-microvm", q));
-    }
+    let subjects = net_subjects(with_qemu, probe, &cmds);
     println!("virtio-net TX over TAP, {frames} UDP datagrams of {size} bytes; CPU ms of the VMM's own threads per GiB and per 10 000 frames, vCPU threads' per GiB");
     println!(
         "{:14} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10}",
@@ -279,47 +286,14 @@ fn net_rx(with_qemu: bool, probe: &Path) {
     let _ns = Netns::new();
     let (count, size) = (50_000usize, 1400usize);
     let cmds = format!("net-ip:0:{GUEST_IP},net-serve:0:{count},poweroff");
-    let mut kiln = strings(&[
-        "ip",
-        "netns",
-        "exec",
-        NS,
-        env!("CARGO_BIN_EXE_kiln"),
-        "run",
-        "--net",
-    ]);
-    kiln.push(format!("tap={TAP},mac=02:00:00:00:00:02"));
-    kiln.push("--cmdline".into());
-    kiln.push(format!("console=ttyS0 probe={cmds}"));
-    let mut subjects = vec![("kiln", kiln)];
-    if with_qemu {
-        let mut q = strings(&["ip", "netns", "exec", NS]);
-        q.extend(qemu(
-            probe,
-            256,
-            strings(&[
-                "-netdev",
-                &format!("tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off"),
-                "-device",
-                "virtio-net-device,netdev=n0,mac=02:00:00:00:00:02",
-            ]),
-            format!("console=ttyS0 probe={cmds}"),
-        ));
-        subjects.push(("qemu-microvm", q));
-    }
+    let subjects = net_subjects(with_qemu, probe, &cmds);
     println!("virtio-net RX: {count} UDP datagrams of {size} bytes echoed by the guest, {WINDOW} in flight; CPU ms of the VMM's own threads per GiB received and per 10 000 datagrams");
     println!(
         "{:14} {:>12} {:>10} {:>10} {:>10} {:>10}",
         "subject", "echoes/s", "MB/s in", "echoed", "ms/GiB", "ms/10k"
     );
     for (name, cmd) in subjects {
-        let mut child = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", cmd[0]));
+        let mut child = common::spawn_vmm(&cmd);
         let pid = child.id();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let ready = lines

@@ -85,18 +85,24 @@ pub type BenchResult = Result<Bench, String>;
 /// The probe commands that report PROBE-BENCH-START/END (or fail instead).
 const BENCH_COMMANDS: &[&str] = &["blk-bench", "blk-rbench", "net-blast"];
 
-/// Runs a VMM command until the probe is done (PROBE-DONE, power-off, triple fault), its
-/// output ends, or `limit` passes. Returns one entry per bench command, in order: its
-/// measurement, or its PROBE-FAIL line, so that results keep their positions when one
-/// fails. Every PROBE-FAIL line is also printed on stderr.
-pub fn bench_run(cmd: &[String], limit: Duration) -> Vec<BenchResult> {
-    let mut child = Command::new(&cmd[0])
+/// Starts a VMM command line: stdin empty, stdout (the guest's serial port) piped to the
+/// bench, stderr dropped.
+pub fn spawn_vmm(cmd: &[String]) -> Child {
+    Command::new(&cmd[0])
         .args(&cmd[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", cmd[0]));
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", cmd[0]))
+}
+
+/// Runs a VMM command until the probe is done (PROBE-DONE, power-off, triple fault), its
+/// output ends, or `limit` passes. Returns one entry per bench command, in order: its
+/// measurement, or its PROBE-FAIL line, so that results keep their positions when one
+/// fails. Every PROBE-FAIL line is also printed on stderr.
+pub fn bench_run(cmd: &[String], limit: Duration) -> Vec<BenchResult> {
+    let mut child = spawn_vmm(cmd);
     let out = child.stdout.take().unwrap();
     let deadline = Instant::now() + limit;
     let mut start = None;
