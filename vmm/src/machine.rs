@@ -117,8 +117,8 @@ impl Machine {
             None => Some(load_guest(&mem, config)?.entry),
         };
         let requests: RequestSink = control.clone();
-        let legacy = legacy_devices(&vm, persistent, requests, saved)?;
-        let virtio = virtio_devices(&vm, &mem, config, saved)?;
+        let (pio, serial, room, pm, cmos) = legacy_devices(&vm, persistent, requests, saved)?;
+        let (mmio, virtio, transports) = virtio_devices(&vm, &mem, config, saved)?;
         let vcpu_fds = (0..config.vcpus)
             .map(|id| match saved {
                 Some(s) => restore_vcpu(&vm, id, &s.vcpus[usize::from(id)]),
@@ -129,8 +129,6 @@ impl Machine {
             })
             .collect::<Result<Vec<_>, _>>()?;
         tracing::debug!("guest loaded, devices and vCPUs configured");
-        let prepared = (legacy, virtio, vcpu_fds);
-        let ((pio, serial, room, pm, cmos), (mmio, virtio, transports), vcpu_fds) = prepared;
         if let Some(s) = saved {
             snapshot::restore_vm_state(&vm, &s.vm)?;
         }
