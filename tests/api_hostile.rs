@@ -11,16 +11,6 @@ use std::time::{Duration, Instant};
 use client::Method;
 use serde_json::{json, Value};
 
-/// Open fds and threads of a process.
-fn fds_and_threads(pid: u32) -> (usize, usize) {
-    let count = |what: &str| {
-        std::fs::read_dir(format!("/proc/{pid}/{what}"))
-            .unwrap()
-            .count()
-    };
-    (count("fd"), count("task"))
-}
-
 /// The names of a process's threads.
 fn thread_names(pid: u32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -70,7 +60,7 @@ fn lifecycles_and_a_rebooting_guest_leave_no_fds_or_threads_behind() {
     // Before any client connection (idle ones close after the header timeout, and the end is
     // measured once they have).
     std::thread::sleep(Duration::from_millis(300));
-    let before = fds_and_threads(pid);
+    let before = common::fds_and_threads(pid, true);
 
     // A guest that resets itself in a loop, for the whole run.
     let t0 = Instant::now();
@@ -121,7 +111,7 @@ fn lifecycles_and_a_rebooting_guest_leave_no_fds_or_threads_behind() {
     // Idle blocking threads go after their keep-alive: the daemon ends where it began.
     let mut after = (0, 0);
     let settled = eventually(Duration::from_secs(30), || {
-        after = fds_and_threads(pid);
+        after = common::fds_and_threads(pid, true);
         after == before
     });
     assert!(
@@ -423,7 +413,7 @@ fn hundreds_of_idle_event_and_console_clients_hold_no_thread_and_slow_nothing() 
     let pid = s.child.id();
     create(&s, "chatty", "hlt", true);
     assert!(s.wait_state("chatty", "running"));
-    let (_, threads_before) = fds_and_threads(pid);
+    let (_, threads_before) = common::fds_and_threads(pid, true);
     let c = s.client();
     let (events, consoles) = s.block_on(async {
         let mut events = Vec::new();
@@ -448,7 +438,7 @@ fn hundreds_of_idle_event_and_console_clients_hold_no_thread_and_slow_nothing() 
         "a disk took {:?} beside 500 idle streams",
         t.elapsed()
     );
-    let (_, threads) = fds_and_threads(pid);
+    let (_, threads) = common::fds_and_threads(pid, true);
     assert!(
         threads <= threads_before + 4,
         "{threads} threads with 500 idle streams (before: {threads_before}): {:?}",

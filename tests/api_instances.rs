@@ -289,23 +289,10 @@ fn instances_boot_in_vms_built_ahead_and_the_pool_follows_their_memory_size() {
         "the pool never filled: {}",
         pool_ready(&s, 256)
     );
-    // Fds and threads of the daemon with a full pool: where churn must leave them. Sockets
-    // are left out: this test's own HTTP connections come and go with the requests.
+    // Fds and threads of the daemon with a full pool: where churn must leave them (sockets
+    // left out: this test's own HTTP connections come and go).
     let pid = s.child.id();
-    let footprint = || {
-        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                std::fs::read_link(e.path())
-                    .is_ok_and(|l| !l.to_string_lossy().starts_with("socket:"))
-            })
-            .count();
-        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .count();
-        (fds, threads)
-    };
+    let footprint = || common::fds_and_threads(pid, false);
     let before = footprint();
     // 256 MiB shells first; a 128 MiB instance builds its own VM, then the pool follows it;
     // whichever VM a guest boots in, its memory map is that of its own size (the RAM above

@@ -6,6 +6,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Open fds and threads of a process (`/proc/PID/fd`, `/proc/PID/task`). Without
+/// `sockets`, socket fds are left out: a test's own HTTP connections come and go with its
+/// requests.
+pub fn fds_and_threads(pid: u32, sockets: bool) -> (usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            sockets
+                || std::fs::read_link(e.path())
+                    .is_ok_and(|l| !l.to_string_lossy().starts_with("socket:"))
+        })
+        .count();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    (fds, threads)
+}
+
 /// The kiln binary under test.
 pub fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
