@@ -90,7 +90,7 @@ while [ ${#remaining[@]} -gt 0 ]; do
         -kernel "$DIR/l1/vmlinuz" -initrd "$DIR/l1/initramfs.cpio.gz" \
         -drive "file=$DIR/l1/payload.ext4,format=raw,if=virtio,readonly=on" \
         -serial "file:$con" -serial "file:$DIR/l1-logs.$attempt.txt" \
-        -append "console=ttyS0 panic=-1 tsc=reliable quiet kiln_scenarios=$list" </dev/null &
+        -append "console=ttyS0 panic=-1 tsc=reliable quiet kiln_timeout=$KILN_L3_TIMEOUT kiln_scenarios=$list" </dev/null &
     qemu=$!
     seen=0 last=$SECONDS alive=$SECONDS beats=0 hung=
     while kill -0 "$qemu" 2>/dev/null; do
@@ -112,14 +112,17 @@ while [ ${#remaining[@]} -gt 0 ]; do
             hung="L1: $sick"
             echo "KILN-L1 $hung: stopping it"
             kill -9 "$qemu" 2>/dev/null || true
+            break
         elif [ $((SECONDS - alive)) -gt "$heartbeat" ]; then
             hung="L1 hung: no heartbeat for $((SECONDS - alive)) s"
             echo "KILN-L1 $hung: stopping it"
             kill -9 "$qemu" 2>/dev/null || true
+            break
         elif [ $((SECONDS - last)) -gt "$stall" ] || [ "$SECONDS" -gt "$deadline" ]; then
             hung="L1 made no progress for $((SECONDS - last)) s"
             echo "KILN-L1 $hung: stopping it"
             kill -9 "$qemu" 2>/dev/null || true
+            break
         fi
     done
     wait "$qemu" 2>/dev/null || true
