@@ -12,7 +12,7 @@
 #
 # Environment: KILN (default target/release/kiln), KILN_L3_DIR (default target/layer3),
 # KILN_L3_TIMEOUT (seconds per guest run, default 240), KILN_L3_QEMU_TIMEOUT (seconds for the
-# whole nested run, default 2400).
+# whole nested run, default 3000), KILN_L3_L1_CPUS (L1's vCPUs, default 1: see below).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 die() { echo "run.sh: $*" >&2; exit 2; }
@@ -75,17 +75,24 @@ stall=$(( KILN_L3_TIMEOUT * 4 ))
 heartbeat=180
 progress='^KILN-(SCENARIO |SCENARIO-START|L1-READY|L1-DONE|L1 )'
 l1_broken='(BUG: .*|Oops.*|Kernel panic.*|watchdog: BUG: soft lockup.*|rcu: INFO: rcu_preempt self-detected stall.*|KILN-L1-SICK .*)'
-deadline=$(( SECONDS + ${KILN_L3_QEMU_TIMEOUT:-2400} ))
+deadline=$(( SECONDS + ${KILN_L3_QEMU_TIMEOUT:-3000} ))
 attempt=0
 while [ ${#remaining[@]} -gt 0 ]; do
     attempt=$((attempt + 1))
     con=$DIR/l1-console.$attempt.txt
     : > "$con"
     list=$(IFS=,; echo "${remaining[*]}")
-    # L1: 2 vCPUs on TCG threads; tsc=reliable keeps its clock steady under emulation. Its
-    # console (ttyS0) carries the results, ttyS1 the scenarios' logs.
+    # L1: one vCPU by default (KILN_L3_L1_CPUS). With two, L1's KVM kicks a vCPU that is in
+    # guest mode on the other CPU with a reschedule IPI, and QEMU 7.2's multi-threaded TCG
+    # sometimes delivers it right after the #VMEXIT, before L1 has its GS base back (GIF
+    # should hold it off): L1 oopses ("stack guard page was hit" in __svm_vcpu_run) or hangs.
+    # That killed a CI run's reboot-loop three times in a row (a 2-vCPU guest rebooting: IPIs
+    # all the time). With one L1 CPU there is no cross-CPU IPI to mistime; L2 guests keep their
+    # two vCPUs, time-shared (layer 3 takes ~1.3 x as long, and leaves a host core to the
+    # other tests). tsc=reliable keeps L1's clock steady under emulation. Its console (ttyS0)
+    # carries the results, ttyS1 the scenarios' logs.
     qemu-system-x86_64 \
-        -accel "${KILN_L3_ACCEL:-tcg,thread=multi}" -cpu "${KILN_L3_CPU:-max}" -smp 2 -m 6G -M pc -nodefaults -no-user-config \
+        -accel "${KILN_L3_ACCEL:-tcg,thread=multi}" -cpu "${KILN_L3_CPU:-max}" -smp "${KILN_L3_L1_CPUS:-1}" -m 6G -M pc -nodefaults -no-user-config \
         -display none -no-reboot \
         -kernel "$DIR/l1/vmlinuz" -initrd "$DIR/l1/initramfs.cpio.gz" \
         -drive "file=$DIR/l1/payload.ext4,format=raw,if=virtio,readonly=on" \
@@ -129,7 +136,7 @@ while [ ${#remaining[@]} -gt 0 ]; do
     tr -d '\r' < "$con" >> "$DIR/l1-console.txt"
     cat "$DIR/l1-logs.$attempt.txt" >> "$DIR/l1-logs.txt"
     grep -qa '^KILN-SCENARIOS-DONE' <(tr -d '\r' < "$con") && break
-    [ "$SECONDS" -le "$deadline" ] || die "the nested run took longer than ${KILN_L3_QEMU_TIMEOUT:-2400} s"
+    [ "$SECONDS" -le "$deadline" ] || die "the nested run took longer than ${KILN_L3_QEMU_TIMEOUT:-3000} s"
     # L1 died or hung: who was running, and what L1 said last.
     current=$(tr -d '\r' < "$con" | grep -aE '^KILN-SCENARIO-START ' | tail -n 1 | cut -d' ' -f2)
     why=$(echo "${hung:-L1 ended without a word}" | cut -c1-120)

@@ -419,7 +419,7 @@ scenario_serve_lifecycle() {
 # Misbehaving guests (a kernel panic with panic=-1, a triple fault from reboot=t), one after
 # the other, beside a neighbour in the same kiln serve: each reboots in place, again and again;
 # the neighbour keeps its clock and its network. (One misbehaving guest at a time keeps the
-# nested layer's two L1 CPUs from being oversubscribed, which QEMU's nested SVM handles worst.)
+# nested layer's L1 from being oversubscribed, which QEMU's nested SVM handles worst.)
 scenario_misbehave() {
     serve
     tap kl3mis0 10.0.4.1/24
