@@ -12,7 +12,8 @@ struct Outcome {
     mode: String,
     /// Scenario → (passed, the rest of its result line).
     results: HashMap<String, (bool, String)>,
-    /// Scenarios run a second time because the nested L1 itself died (why it died).
+    /// Scenarios run again because the nested host failed under them (why: L1 died or hung,
+    /// or stopped running a guest's vCPU).
     reruns: HashMap<String, String>,
     transcript: String,
     dir: PathBuf,
@@ -76,13 +77,32 @@ fn outcome() -> &'static Outcome {
     })
 }
 
+/// The scenarios of `tests/linux/scenarios.sh` that a test below asserts: all of them
+/// (`every_scenario_is_asserted_by_a_test`), so none runs unchecked.
+const ASSERTED: &[&str] = &[
+    "xsave",
+    "boot-pvh-1",
+    "boot-pvh-2",
+    "boot-bzimage-1",
+    "boot-bzimage-2",
+    "distro-cloud",
+    "distro-generic",
+    "blk",
+    "net",
+    "serve-lifecycle",
+    "misbehave",
+    "reboot-loop",
+    "snapshot",
+];
+
 /// Asserts that scenario `name` passed; its log is in the panic message when it did not.
 fn scenario(name: &str) {
+    assert!(ASSERTED.contains(&name), "{name} is missing from ASSERTED");
     let o = outcome();
     let log = std::fs::read_to_string(o.dir.join("logs").join(format!("{name}.log")))
         .unwrap_or_else(|e| format!("(no log: {e})"));
     if let Some(why) = o.reruns.get(name) {
-        eprintln!("{name}: run again in a fresh L1 after the first L1 died ({why})");
+        eprintln!("{name}: run again in a fresh L1 after the nested host failed ({why})");
     }
     match o.results.get(name) {
         Some((true, detail)) => eprintln!("{name} ({}): ok {detail}", o.mode),
@@ -155,4 +175,34 @@ fn a_linux_guest_reboots_in_place_eight_times_without_a_stall() {
 #[test]
 fn cpuid_xsave_size_follows_xcr0() {
     scenario("xsave");
+}
+
+#[test]
+fn a_linux_guest_snapshot_restores_with_its_uptime_processes_and_tcp_connection() {
+    scenario("snapshot");
+}
+
+/// Needs no guest: the scenario list against the tests here.
+#[test]
+fn every_scenario_is_asserted_by_a_test() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("sh")
+        .arg(root.join("tests/linux/scenarios.sh"))
+        .arg("--list")
+        .output()
+        .expect("sh tests/linux/scenarios.sh --list");
+    assert!(out.status.success(), "scenarios.sh --list: {out:?}");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let mut listed: Vec<&str> = listed.split_whitespace().collect();
+    let mut asserted = ASSERTED.to_vec();
+    listed.sort_unstable();
+    asserted.sort_unstable();
+    assert_eq!(listed, asserted, "scenarios.sh --list against ASSERTED");
+    let source = include_str!("linux_guests.rs");
+    for name in ASSERTED {
+        assert!(
+            source.contains(&format!("scenario(\"{name}\");")),
+            "no test asserts scenario {name}"
+        );
+    }
 }
