@@ -319,7 +319,8 @@ serve() {
 }
 kiln_cli() { "$KILN" "$@" --socket "$S"; }
 api() { # METHOD PATH [JSON]: prints the body; the status goes to $WORK/status
-    curl -sS --unix-socket "$S" -X "$1" -o "$WORK/body" -w '%{http_code}' \
+    # Bounded: the longest call waits for a 120 s graceful stop.
+    curl -sS --max-time 300 --unix-socket "$S" -X "$1" -o "$WORK/body" -w '%{http_code}' \
         ${3:+-H 'Content-Type: application/json' -d "$3"} "http://kiln$2" >"$WORK/status"
     echo "> $1 $2 $3 -> $(cat "$WORK/status")" >&2
     cat "$WORK/body"
