@@ -598,7 +598,7 @@ run_one() {
         # A guest vCPU that stopped being run with its timer due ("$stalled" in the guest's
         # log): the nested host's interrupt glitch (as in L1's own soft lockups), not a verdict
         # on Kiln. L1 is reported sick; run.sh runs the scenario again in a fresh L1 (at most
-        # twice, and says so), so a Kiln bug that does this every time still fails.
+        # four times, and says so), so a Kiln bug that does this every time still fails.
         echo "KILN-L1-SICK during $name: a guest vCPU stopped being run ($stalled); its threads: $(grep -a '^thread kiln-vcpu' "$log" | cut -c1-110 | tr '\n' ';')"
         sleep 100000
     else
