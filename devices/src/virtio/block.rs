@@ -242,6 +242,15 @@ fn in_place(
         .then(|| iov.transfer(file, offset, dir))
 }
 
+/// The first `len` bytes of the device's copy buffer, grown when a request needs more (it
+/// keeps its largest size, at most `MAX_REQUEST`: `range` refuses longer requests).
+fn copy_buffer(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
+}
+
 /// Parses and carries out one request.
 fn execute(
     mem: &GuestMemoryMmap,
@@ -307,10 +316,7 @@ fn execute(
             ) {
                 Some(r) => r.is_ok(),
                 None => {
-                    if buf.len() < data_out_len {
-                        buf.resize(data_out_len, 0);
-                    }
-                    let buf = &mut buf[..data_out_len];
+                    let buf = copy_buffer(buf, data_out_len);
                     disk.read_at(buf, offset).is_ok() && data_out.write_all(buf).is_ok()
                 }
             };
@@ -339,10 +345,7 @@ fn execute(
             ) {
                 Some(r) => r.is_ok(),
                 None => {
-                    if buf.len() < data_in {
-                        buf.resize(data_in, 0);
-                    }
-                    let buf = &mut buf[..data_in];
+                    let buf = copy_buffer(buf, data_in);
                     reader.read_exact(buf).is_ok() && disk.write_at(buf, offset).is_ok()
                 }
             };
